@@ -1,0 +1,30 @@
+"""The contract of an exported model directory, models/<name>/<version>/.
+
+File names and signature names that `export` writes and `validate` and the serving
+runner read. Pure constants and one loader; imports neither TF nor transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+from pipeline.io import read_json
+
+SIGNATURE = "serving_default"
+INPUT_NAMES = ("input_ids", "attention_mask")
+INPUT_DTYPE = "int32"
+OUTPUT_NAME = "probabilities"
+
+TOKENIZER_FILE = "tokenizer.json"
+CARD_FILE = "model_card.json"
+LABELS_FILE = "labels.json"
+PARITY_FILE = "parity_batch.npz"
+
+
+def read_labels(model_dir: Path) -> Dict[int, str]:
+    return {int(k): v for k, v in read_json(Path(model_dir) / LABELS_FILE).items()}
+
+
+def read_card(model_dir: Path) -> dict:
+    return read_json(Path(model_dir) / CARD_FILE)

@@ -1,0 +1,54 @@
+"""The classifier: a BERT encoder + classification head from transformers' TF classes.
+
+Owns building it (from scratch with a small `BertConfig`, or from a pretrained checkpoint)
+and loading a trained one. Used by `train` and `export`; never by `validate` or serving,
+which see only the SavedModel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pipeline.errors import fail
+from pipeline.params import Train
+
+
+def scratch_config(p: Train, vocab_size: int, num_labels: int, pad_token_id: int = 0):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size, hidden_size=p.hidden_size, num_hidden_layers=p.num_layers,
+        num_attention_heads=p.num_heads, intermediate_size=p.intermediate_size,
+        hidden_dropout_prob=p.dropout, attention_probs_dropout_prob=p.dropout,
+        max_position_embeddings=p.max_length, num_labels=num_labels, pad_token_id=pad_token_id)
+
+
+def build(p: Train, vocab_size: int, num_labels: int, pad_token_id: int = 0,
+          encoder_dir: Optional[Path] = None):
+    """The classifier: from scratch, from our own pre-trained encoder, or from `p.init`."""
+    from transformers import TFBertForSequenceClassification
+
+    if encoder_dir is not None:  # our MLM pre-training: encoder kept, head initialised fresh
+        return TFBertForSequenceClassification.from_pretrained(str(encoder_dir),
+                                                               num_labels=num_labels)
+    if p.init == "scratch":
+        return TFBertForSequenceClassification(
+            scratch_config(p, vocab_size, num_labels, pad_token_id))
+    try:
+        model = TFBertForSequenceClassification.from_pretrained(p.init, num_labels=num_labels)
+    except Exception as exc:  # OSError / HTTP / ValueError: all mean "cannot load it"
+        fail(f"train.init: cannot load '{p.init}' (use 'scratch', a local TF BERT checkpoint "
+             f"dir, or a hub name with TOKENMETER_ONLINE=1): {str(exc).splitlines()[0][:200]}")
+    if model.config.vocab_size != vocab_size:
+        fail(f"train.init '{p.init}' has a {model.config.vocab_size}-token vocabulary but the "
+             f"tokenizer has {vocab_size}; set tokenizer.pretrained to the same checkpoint")
+    return model
+
+
+def load_trained(model_dir: Path):
+    from transformers import TFBertForSequenceClassification
+
+    if not (model_dir / "config.json").is_file():
+        fail(f"{model_dir} holds no trained model; run the train stage first")
+    return TFBertForSequenceClassification.from_pretrained(str(model_dir))

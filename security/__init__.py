@@ -1,0 +1,1 @@
+"""Security scanning (issue: security scanning). Not built yet; see the README."""

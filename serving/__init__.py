@@ -1,0 +1,1 @@
+"""The metered endpoint (issue: metered endpoint). Not built yet; see the README."""

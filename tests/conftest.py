@@ -1,0 +1,48 @@
+"""Shared fixtures: the smoke-profile workspace, built once per test session with a real
+`dvc repro`, and a helper to run a stage the way DVC does (a fresh process)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(cmd, cwd: Path, env=None, timeout: int = 900) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_stage(ws: Path, stage: str, env=None) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", f"pipeline.{stage}"], cwd=ws, env=env)
+
+
+def dvc(ws: Path, *args: str) -> subprocess.CompletedProcess:
+    dvc_bin = Path(sys.executable).parent / "dvc"
+    return run([str(dvc_bin), *args], cwd=ws)
+
+
+@pytest.fixture(scope="session")
+def smoke_ws(tmp_path_factory) -> Path:
+    """A workspace on the smoke profile after one full `dvc repro`."""
+    ws = workspace.create(tmp_path_factory.mktemp("smoke") / "ws", profile="smoke")
+    result = dvc(ws, "repro")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return ws
+
+
+@pytest.fixture
+def ws_copy(smoke_ws, tmp_path) -> Path:
+    """A private copy of the built smoke workspace, free to break."""
+    dst = tmp_path / "ws"
+    shutil.copytree(smoke_ws, dst, symlinks=True)
+    return dst
