@@ -51,6 +51,16 @@ def lint(c):
     _run(c, "ruff check pipeline serving security tests tasks.py")
 
 
+@task(help={"only": "comma-separated checks (default all; `python -m security -h` lists them)",
+            "offline": "skip checks that ask an online service (pip-audit)",
+            "image": "image for trivy-image (default $TOKENMETER_IMAGE or tokenmeter:latest)"})
+def scan(c, only="", offline=False, image=""):
+    """Security scans (trivy, hadolint, pip-audit, bandit, SBOMs) under security/policy.yaml."""
+    args = (f" --only {only}" if only else "") + (" --offline" if offline else "") \
+        + (f" --image {image}" if image else "")
+    _run(c, f"python -m security{args}")
+
+
 @task(help={"port": "port for the UI on 127.0.0.1"})
 def mlflow_ui(c, port=5000):
     """Browse the MLflow runs of the local store."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Dict, List, Sequence, Tuple
 
 from pipeline import paths
-from pipeline.errors import fail, run_stage
+from pipeline.errors import fail, require, run_stage
 from pipeline.io import read_jsonl, write_json
 from pipeline.params import Baseline, load
 
@@ -46,6 +46,7 @@ def fit_baseline(train: Tuple[List[str], List[int]], val: Tuple[List[str], List[
 
 def main() -> None:
     p = load(Baseline)
+    require(*(paths.split_file(s) for s in paths.SPLITS))
     data = {}
     for split in paths.SPLITS:
         rows = read_jsonl(paths.split_file(split))

@@ -25,6 +25,15 @@ def fail(message: str) -> NoReturn:
     raise PipelineError(message)
 
 
+def require(*files, hint: str = "run `dvc repro` (earlier stages write it)") -> None:
+    """Stop with one line if an input another stage writes is missing."""
+    from pathlib import Path
+
+    missing = [str(f) for f in files if not Path(f).exists()]
+    if missing:
+        fail(f"missing {', '.join(missing)}; {hint}")
+
+
 def run_stage(stage: str, main: Callable[[], None]) -> None:
     """Run a stage's `main`, turning known failures into one line and an exit code."""
     try:

@@ -16,13 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import batching, modeling, paths
-from pipeline.errors import fail, run_stage
+from pipeline.errors import require, run_stage
 from pipeline.io import read_json, read_jsonl, sha256_file, write_json
+from pipeline.model_dir import (
+    CARD_FILE,
+    INPUT_NAMES,
+    LABELS_FILE,
+    OUTPUT_NAME,
+    PARITY_FILE,
+    SIGNATURE,
+)
 from pipeline.params import PARAMS_FILE, Export, Train, load, read_yaml
 from pipeline.tokenizer import TOKENIZER_FILES
-
-from pipeline.model_dir import (CARD_FILE, INPUT_NAMES, LABELS_FILE, OUTPUT_NAME, PARITY_FILE,
-                                SIGNATURE)
 
 
 def make_serving_module(model):
@@ -100,8 +105,9 @@ def export(out_dir: Path, e: Export, max_length: int) -> dict:
 def main() -> None:
     e = load(Export)
     t = load(Train)
-    if not (paths.TRAINED_MODEL_DIR / "config.json").is_file():
-        fail(f"{paths.TRAINED_MODEL_DIR} holds no trained model; run the train stage first")
+    require(paths.TRAINED_MODEL_DIR / "config.json", paths.TOKENIZER_DIR / "tokenizer.json",
+            paths.LABELS_FILE, paths.split_file("test"), paths.metrics_file("train"),
+            paths.metrics_file("baseline"))
     out = paths.model_dir(e.name, e.version)
     # Other versions of the model are kept: TF Serving serves the highest by default.
     card = export(out, e, t.max_length)

@@ -8,7 +8,6 @@ which see only the SavedModel.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from pipeline.errors import fail
 from pipeline.params import Train
@@ -24,14 +23,10 @@ def scratch_config(p: Train, vocab_size: int, num_labels: int, pad_token_id: int
         max_position_embeddings=p.max_length, num_labels=num_labels, pad_token_id=pad_token_id)
 
 
-def build(p: Train, vocab_size: int, num_labels: int, pad_token_id: int = 0,
-          encoder_dir: Optional[Path] = None):
-    """The classifier: from scratch, from our own pre-trained encoder, or from `p.init`."""
+def build(p: Train, vocab_size: int, num_labels: int, pad_token_id: int = 0):
+    """The classifier: from scratch (a small BertConfig) or from the checkpoint `p.init`."""
     from transformers import TFBertForSequenceClassification
 
-    if encoder_dir is not None:  # our MLM pre-training: encoder kept, head initialised fresh
-        return TFBertForSequenceClassification.from_pretrained(str(encoder_dir),
-                                                               num_labels=num_labels)
     if p.init == "scratch":
         return TFBertForSequenceClassification(
             scratch_config(p, vocab_size, num_labels, pad_token_id))

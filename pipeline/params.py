@@ -74,24 +74,18 @@ class Train(BaseModel):
     weight_decay: float = Field(0.01, ge=0)
     length_buckets: List[int] = Field(default_factory=lambda: [32, 64, 128, 256], min_length=1)
     seed: int = 0
-    # Masked-LM pre-training of the encoder on the train split's texts (labels unused)
-    # before fine-tuning; only with init=scratch. 0 = none.
-    pretrain_epochs: int = Field(0, ge=0)
-    pretrain_learning_rate: float = Field(1e-3, gt=0)
-    mask_probability: float = Field(0.15, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _shape(self) -> "Train":
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+                f"hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_heads ({self.num_heads})"
             )
         if sorted(self.length_buckets) != list(self.length_buckets):
             raise ValueError("length_buckets must be increasing")
         if self.length_buckets[-1] > self.max_length:
             raise ValueError("the last length bucket must be <= max_length")
-        if self.pretrain_epochs and self.init != "scratch":
-            raise ValueError("pretrain_epochs needs init: scratch (a checkpoint is pre-trained)")
         return self
 
 

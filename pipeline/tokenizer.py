@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from pipeline import paths
-from pipeline.errors import fail, run_stage
+from pipeline.errors import fail, require, run_stage
 from pipeline.io import read_jsonl, write_json
 from pipeline.params import Tokenizer as TokenizerParams
 from pipeline.params import load
@@ -155,6 +155,7 @@ def report(tokenizer_file: Path, splits: Dict[str, List[str]], thresholds: Seque
 
 def main() -> None:
     p = load(TokenizerParams)
+    require(*(paths.split_file(s) for s in paths.SPLITS))
     splits = {s: [r["text"] for r in read_jsonl(paths.split_file(s))] for s in paths.SPLITS}
     if not splits["train"]:
         fail(f"{paths.split_file('train')} is empty; run the prepare stage first")

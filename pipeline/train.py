@@ -12,15 +12,14 @@ import csv
 import io
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 
 from pipeline import batching, modeling, paths, tracking
-from pipeline.errors import fail, run_stage
+from pipeline.errors import fail, require, run_stage
 from pipeline.io import read_json, read_jsonl, write_atomic, write_json
-from pipeline.params import Train, Tracking, load
+from pipeline.params import Tracking, Train, load
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
@@ -42,108 +41,6 @@ def make_dataset(ids: List[List[int]], labels: np.ndarray, p: Train, shuffle: bo
     return tf.data.Dataset.from_generator(
         gen, output_signature=({"input_ids": spec, "attention_mask": spec},
                                tf.TensorSpec([None], tf.int32)))
-
-
-def mask_tokens(input_ids: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
-                vocab_size: int, first_regular_id: int, mask_id: int,
-                probability: float):
-    """BERT's masking: pick `probability` of real tokens; 80% [MASK], 10% random, 10% kept.
-
-    Returns (masked ids, labels) with label -100 where no prediction is asked.
-    Special tokens (ids below `first_regular_id`) are never picked.
-    """
-    labels = np.full_like(input_ids, -100)
-    chosen = (mask == 1) & (input_ids >= first_regular_id) & (rng.random(input_ids.shape)
-                                                                < probability)
-    labels[chosen] = input_ids[chosen]
-    r = rng.random(input_ids.shape)
-    ids = input_ids.copy()
-    ids[chosen & (r < 0.8)] = mask_id
-    swap = chosen & (r >= 0.8) & (r < 0.9)
-    ids[swap] = rng.integers(first_regular_id, vocab_size, size=int(swap.sum()))
-    return ids, labels
-
-
-def _masked_lm_class():
-    import tensorflow as tf
-
-    class MaskedPositionsLM(tf.keras.Model):
-        """Trains a TFBertForMaskedLM, scoring the vocabulary only at masked positions.
-
-        The stock model projects every position onto the vocabulary; with 15% masked that
-        is ~85% wasted work (an epoch took 2.5x a classification epoch here).
-        """
-
-        def __init__(self, mlm):
-            super().__init__()
-            self.mlm = mlm
-
-        def train_step(self, data):
-            labels = data["labels"]
-            with tf.GradientTape() as tape:
-                seq = self.mlm.bert(input_ids=data["input_ids"],
-                                    attention_mask=data["attention_mask"],
-                                    training=True).last_hidden_state
-                where = tf.where(labels != -100)
-                picked = tf.gather_nd(seq, where)[tf.newaxis]  # [1, n_masked, hidden]
-                logits = self.mlm.mlm(picked, training=True)[0]
-                per_token = tf.keras.losses.sparse_categorical_crossentropy(
-                    tf.gather_nd(labels, where), logits, from_logits=True)
-                # divide_no_nan: a batch where nothing was masked contributes 0, not NaN
-                loss = tf.math.divide_no_nan(tf.reduce_sum(per_token),
-                                             tf.cast(tf.size(per_token), per_token.dtype))
-            variables = self.mlm.trainable_variables
-            self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-            return {"loss": loss}
-
-    return MaskedPositionsLM
-
-
-def pretrain_encoder(p: Train, ids: List[List[int]], tokenizer, num_labels: int) -> Path:
-    """Masked-LM pre-training of a fresh encoder on the train texts; returns its directory."""
-    import tensorflow as tf
-    from transformers import TFBertForMaskedLM, create_optimizer
-
-    config = modeling.scratch_config(p, tokenizer.get_vocab_size(), num_labels,
-                                     tokenizer.token_to_id("[PAD]"))
-    mlm = TFBertForMaskedLM(config)
-    mlm(mlm.dummy_inputs)  # create the variables under their checkpoint names
-    vocab_size = tokenizer.get_vocab_size()
-    mask_id = tokenizer.token_to_id("[MASK]")
-    first_regular = 1 + max(tokenizer.token_to_id(t) for t in
-                            ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"))
-    epoch = [0]
-
-    def gen():
-        rng = np.random.default_rng(10_000 + p.seed + epoch[0])
-        epoch[0] += 1
-        for input_ids, attn, _rows in batching.make_batches(ids, p.batch_size,
-                                                            p.length_buckets, rng):
-            masked, labels = mask_tokens(input_ids, attn, rng, vocab_size, first_regular,
-                                         mask_id, p.mask_probability)
-            yield {"input_ids": masked, "attention_mask": attn, "labels": labels}
-
-    spec = tf.TensorSpec([None, None], tf.int32)
-    ds = tf.data.Dataset.from_generator(gen, output_signature={
-        "input_ids": spec, "attention_mask": spec, "labels": spec}).repeat()
-    steps = -(-len(ids) // p.batch_size)
-    optimizer, _ = create_optimizer(init_lr=p.pretrain_learning_rate,
-                                    num_train_steps=steps * p.pretrain_epochs,
-                                    num_warmup_steps=int(p.warmup_fraction * steps
-                                                         * p.pretrain_epochs),
-                                    weight_decay_rate=p.weight_decay)
-    model = _masked_lm_class()(mlm)
-    model.compile(optimizer=optimizer)
-    print(f"train: masked-LM pre-training, {p.pretrain_epochs} epoch(s)", flush=True)
-    hist = model.fit(ds, epochs=p.pretrain_epochs, steps_per_epoch=steps,
-                     verbose=1 if sys.stdout.isatty() else 2)
-    out = paths.TRAIN_DIR / "encoder"
-    mlm.save_pretrained(str(out))
-    import mlflow
-
-    for i, loss in enumerate(hist.history["loss"], start=1):
-        mlflow.log_metric("pretrain_mlm_loss", float(loss), step=i)
-    return out
 
 
 def curve_png(history: List[Dict[str, float]]) -> bytes:
@@ -229,12 +126,8 @@ def train(p: Train, experiment: str) -> dict:
                            "tokenizer.vocab_size": tokenizer.get_vocab_size(),
                            "tf_version": tf.__version__})
         started = time.perf_counter()
-        encoder_dir = None
-        if p.pretrain_epochs:
-            encoder_dir = pretrain_encoder(p, data["train"][0], tokenizer, len(label_names))
         model = modeling.build(p, tokenizer.get_vocab_size(), len(label_names),
-                               pad_token_id=tokenizer.token_to_id("[PAD]"),
-                               encoder_dir=encoder_dir)
+                               pad_token_id=tokenizer.token_to_id("[PAD]"))
         model.compile(optimizer=optimizer,
                       loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
@@ -268,9 +161,8 @@ def train(p: Train, experiment: str) -> dict:
 def main() -> None:
     p = load(Train)
     experiment = load(Tracking).experiment
-    for f in (paths.LABELS_FILE, paths.TOKENIZER_DIR / "tokenizer.json"):
-        if not Path(f).is_file():
-            fail(f"{f} is missing; run `dvc repro` (prepare and tokenizer come first)")
+    require(paths.LABELS_FILE, paths.TOKENIZER_DIR / "tokenizer.json",
+            *(paths.split_file(s) for s in ("train", "val")))
     train(p, experiment)
 
 

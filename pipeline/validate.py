@@ -21,10 +21,18 @@ import numpy as np
 
 from pipeline import batching, paths
 from pipeline.baseline import scores
-from pipeline.errors import GateFailed, fail, run_stage
+from pipeline.errors import GateFailed, fail, require, run_stage
 from pipeline.io import read_json, read_jsonl, write_atomic, write_json
-from pipeline.model_dir import (INPUT_DTYPE, INPUT_NAMES, OUTPUT_NAME, PARITY_FILE, SIGNATURE,
-                                TOKENIZER_FILE, read_card, read_labels)
+from pipeline.model_dir import (
+    INPUT_DTYPE,
+    INPUT_NAMES,
+    OUTPUT_NAME,
+    PARITY_FILE,
+    SIGNATURE,
+    TOKENIZER_FILE,
+    read_card,
+    read_labels,
+)
 from pipeline.params import Export, Validate, load
 
 
@@ -176,8 +184,10 @@ def main() -> None:
     v = load(Validate)
     e = load(Export)
     model_dir = paths.model_dir(e.name, e.version)
+    require(model_dir / "saved_model.pb", paths.split_file("test"), paths.metrics_file("baseline"))
     report, predictions = validate(model_dir, v)
-    assert "transformers" not in sys.modules, "validate must load only the SavedModel"
+    if "transformers" in sys.modules:  # a guard on our own imports, not on user input
+        raise RuntimeError("validate imported transformers; it must load only the SavedModel")
     write_json(paths.metrics_file("validate"), report)
     write_atomic(paths.METRICS_DIR / "test_predictions.csv", predictions)
     t, lat = report["test"], report["latency"]

@@ -30,7 +30,8 @@ def test_clean_drops_empty_duplicates_and_conflicting_texts():
 
 
 def _synthetic(n_per_label: int) -> Corpus:
-    texts = [f"评论 {i} 好" for i in range(n_per_label)] + [f"评论 {i} 差" for i in range(n_per_label)]
+    texts = [f"评论 {i} 好" for i in range(n_per_label)]
+    texts += [f"评论 {i} 差" for i in range(n_per_label)]
     return Corpus(texts, ["pos"] * n_per_label + ["neg"] * n_per_label)
 
 

@@ -165,3 +165,26 @@ def test_validate_fails_naming_the_gate_on_a_broken_model(ws_copy):
     assert "Traceback" not in result.stderr
     report = json.loads((ws_copy / "metrics/validate.json").read_text())
     assert report["passed"] is False and report["gates"]["parity"]["passed"] is False
+
+
+def test_training_is_an_mlflow_run_with_params_metrics_and_artifacts(smoke_ws):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{smoke_ws / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("training")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert runs, "no MLflow run recorded"
+    run = runs[0]
+    assert run.data.params["train.epochs"] == "4" and run.data.params["train.init"] == "scratch"
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    rows = list(csv.DictReader((smoke_ws / "metrics/train_history.csv").open()))
+    assert [float(r["val_accuracy"]) for r in rows] == [m.value for m in history]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"training_curve.png", "vocab.txt"} <= artifacts
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="vocab.txt",
+                                                tracking_uri=uri)
+    assert Path(local).read_bytes() == (smoke_ws / paths.TOKENIZER_DIR / "vocab.txt").read_bytes()

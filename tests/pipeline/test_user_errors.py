@@ -124,7 +124,7 @@ def test_unknown_pretrained_tokenizer_is_one_line(ws_copy):
 
 @pytest.mark.slow
 def test_unknown_model_init_is_one_line(ws_copy):
-    _set(ws_copy, "train", init="no-such-org/no-such-model", pretrain_epochs=0)
+    _set(ws_copy, "train", init="no-such-org/no-such-model")
     _one_line_error(run_stage(ws_copy, "train"), "train", "train.init",
                     "no-such-org/no-such-model")
 

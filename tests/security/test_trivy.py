@@ -1,0 +1,110 @@
+"""trivy on temporary trees: a root Dockerfile and a fake AWS key are caught with the right
+severity and fail the policy; a scan with nothing to look at, or no engine/database, is
+"not run" with its reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from security import policy, report, scan_trivy
+from security.findings import NOT_RUN, RAN
+from tests.security.scan_trees import (
+    NO_USER_DOCKERFILE,
+    ROOT_DOCKERFILE,
+    fake_aws_credentials,
+    make_policy,
+    need,
+    write_tree,
+)
+
+
+@pytest.mark.parametrize("dockerfile", [ROOT_DOCKERFILE, NO_USER_DOCKERFILE],
+                         ids=["USER-root", "no-USER-line"])
+def test_dockerfile_running_as_root_is_high_and_fails(tmp_path, dockerfile):
+    need("trivy")
+    targets = write_tree(tmp_path, {"docker/Dockerfile": dockerfile, "app.py": "print(1)\n"})
+
+    result = scan_trivy.config(targets)
+
+    assert result.status == RAN, result.reason
+    assert "docker/Dockerfile" in result.checked
+    root = [f for f in result.findings if f.rule_id == "DS-0002"]
+    assert len(root) == 1, [f.rule_id for f in result.findings]
+    assert root[0].severity == "HIGH"
+    assert root[0].path == "docker/Dockerfile"
+    verdict = policy.evaluate([result], make_policy())
+    assert verdict.failed and verdict.exit_code == 1
+    assert any(j.finding.rule_id == "DS-0002" for j in verdict.violations)
+
+
+def test_fake_aws_key_is_critical_and_fails(tmp_path):
+    need("trivy")
+    key_id, secret = fake_aws_credentials()
+    creds = f"aws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n"
+    targets = write_tree(tmp_path, {
+        "src/settings.py": "DEBUG = False\n" + creds,
+        # Skipped folders are not scanned ...
+        ".venv/lib/vendored.py": creds,
+        "data/raw.txt": creds,
+        # ... and an ignore file in the tree is not honoured (policy.yaml only).
+        ".trivyignore": "aws-access-key-id\naws-secret-access-key\n",
+    })
+
+    result = scan_trivy.secrets(targets)
+
+    assert result.status == RAN, result.reason
+    by_rule = {f.rule_id: f for f in result.findings}
+    assert set(by_rule) == {"aws-access-key-id", "aws-secret-access-key"}, result.findings
+    assert by_rule["aws-access-key-id"].severity == "CRITICAL"
+    assert by_rule["aws-access-key-id"].location == "src/settings.py:2"
+    assert {f.path for f in result.findings} == {"src/settings.py"}
+    verdict = policy.evaluate([result], make_policy())
+    assert verdict.exit_code == 1 and len(verdict.violations) == 2
+
+    # The report names the finding but never repeats the secret.
+    paths = report.write(verdict, tmp_path / "reports", targets.root)
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        assert "aws-access-key-id" in text
+        assert key_id not in text and secret not in text
+
+
+def test_tree_without_iac_is_not_run(tmp_path):
+    need("trivy")
+    targets = write_tree(tmp_path, {"README.md": "# nothing to configure\n"})
+
+    result = scan_trivy.config(targets)
+
+    assert result.status == NOT_RUN
+    assert "docker/Dockerfile does not exist" in result.reason
+    assert not policy.evaluate([result], make_policy()).failed
+
+
+def test_image_scan_without_database_or_engine_is_not_run(tmp_path, monkeypatch):
+    need("trivy")
+    monkeypatch.setenv("TRIVY_CACHE_DIR", str(tmp_path / "empty-cache"))
+    targets = write_tree(tmp_path / "tree", {"docker/Dockerfile": ROOT_DOCKERFILE})
+
+    result = scan_trivy.image(targets)
+
+    assert result.status == NOT_RUN
+    assert "no trivy vulnerability database" in result.reason
+    assert not result.ran and result.findings == []
+
+
+def test_vulnerability_report_parsed_into_common_shape():
+    # The documented shape of `trivy image --format json` (schema 2), cut to one entry.
+    doc = json.loads("""{"SchemaVersion": 2, "Results": [{"Target": "tokenmeter (ubuntu 20.04)",
+      "Class": "os-pkgs", "Type": "ubuntu", "Vulnerabilities": [{"VulnerabilityID":
+      "CVE-2023-0286", "PkgName": "libssl1.1", "InstalledVersion": "1.1.1f-1ubuntu2.16",
+      "FixedVersion": "1.1.1f-1ubuntu2.17", "Severity": "HIGH",
+      "Title": "openssl: X.400 address type confusion in X.509 GeneralName"}]}]}""")
+
+    [f] = scan_trivy.parse_report(doc, "trivy-image", "tokenmeter:latest")
+
+    assert (f.scanner, f.check, f.rule_id, f.severity) == ("trivy", "trivy-image",
+                                                           "CVE-2023-0286", "HIGH")
+    assert f.path == "tokenmeter (ubuntu 20.04): libssl1.1 1.1.1f-1ubuntu2.16"
+    assert f.fix == "upgrade libssl1.1 to 1.1.1f-1ubuntu2.17"
