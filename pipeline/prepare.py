@@ -150,8 +150,9 @@ def split(corpus: Corpus, p: Prepare) -> Dict[str, Corpus]:
 
 def percentiles(values: Sequence[int]) -> Dict[str, float]:
     arr = np.asarray(values)
-    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 95, 99)} | {
-        "max": int(arr.max())}
+    out: Dict[str, float] = {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 95, 99)}
+    out["max"] = int(arr.max())
+    return out
 
 
 def prepare(corpus: Corpus, p: Prepare) -> Tuple[Dict[str, Corpus], List[str], dict]:

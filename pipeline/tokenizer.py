@@ -20,6 +20,7 @@ from pipeline.errors import fail, require, run_stage
 from pipeline.io import read_jsonl, write_json
 from pipeline.params import Tokenizer as TokenizerParams
 from pipeline.params import load
+from pipeline.prepare import percentiles
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Files that travel with the model (export copies them; serving loads tokenizer.json).
@@ -127,8 +128,7 @@ def load_pretrained(name: str, out_dir: Path) -> None:
 
 def length_report(lengths: Sequence[int], thresholds: Sequence[int]) -> Dict[str, float]:
     arr = np.asarray(lengths)
-    out: Dict[str, float] = {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 95, 99)}
-    out["max"] = int(arr.max())
+    out = percentiles(lengths)
     for t in thresholds:
         out[f"share_over_{t}"] = round(float((arr > t).mean()), 6)
     return out

@@ -107,6 +107,11 @@ def test_validate_report_and_dvc_metrics(smoke_ws):
     shown = dvc(smoke_ws, "metrics", "show", "--json")
     assert shown.returncode == 0, shown.stderr
     assert "validate.json" in shown.stdout and "baseline.json" in shown.stdout
+    plots = dvc(smoke_ws, "plots", "show", "-o", "rendered")
+    assert plots.returncode == 0, plots.stderr
+    html = (smoke_ws / "rendered" / "index.html").read_text()
+    for title in ("Training loss", "Training accuracy", "Test confusion matrix"):
+        assert title in html
 
 
 def test_noop_repro_runs_no_stage(smoke_ws):
@@ -143,10 +148,12 @@ def test_validate_fails_naming_the_gate_on_a_broken_model(ws_copy):
     model_dir = ws_copy / MODEL
     loaded = tf.saved_model.load(str(model_dir))
     rng = np.random.default_rng(0)
-    for var in loaded.variables:  # scramble the trained weights, keep shapes and signature
+    fn = loaded.signatures[SIGNATURE]
+    assert fn.variables
+    for var in fn.variables:  # scramble the trained weights, keep shapes and signature
         var.assign(rng.normal(0, 0.5, var.shape.as_list()).astype(var.dtype.as_numpy_dtype))
     broken = ws_copy / "broken"
-    tf.saved_model.save(loaded, str(broken), signatures={SIGNATURE: loaded.signatures[SIGNATURE]})
+    tf.saved_model.save(loaded, str(broken), signatures={SIGNATURE: fn})
     for f in ("saved_model.pb", "variables"):
         target = model_dir / f
         if target.is_dir():
