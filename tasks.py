@@ -61,6 +61,24 @@ def scan(c, only="", offline=False, image=""):
     _run(c, f"python -m security{args}")
 
 
+@task(help={"model_dir": "exported model (default $TOKENMETER_MODEL_DIR or models/sentiment/1)",
+            "port": "port on 127.0.0.1 (default $TOKENMETER_PORT or 8000)",
+            "ledger": "SQLite path or postgresql:// DSN (default $TOKENMETER_LEDGER)"})
+def serve(c, model_dir="", port=0, ledger=""):
+    """Run the metered endpoint under uvicorn (settings: TOKENMETER_* environment variables)."""
+    # _run single-quotes the command for bash -c: paths must not contain quotes or spaces.
+    args = (f" --ledger {ledger}" if ledger else "") + " serve" \
+        + (f" --model-dir {model_dir}" if model_dir else "") \
+        + (f" --port {int(port)}" if port else "")
+    _run(c, f"python -m serving{args}")
+
+
+@task(help={"args": "e.g. \"create --user alice --budget-usd 5\", \"list\", \"revoke KEY_ID\""})
+def keys(c, args="list"):
+    """Create (printed once), list or revoke API keys in the ledger."""
+    _run(c, f"python -m serving keys {args}")
+
+
 @task(help={"port": "port for the UI on 127.0.0.1"})
 def mlflow_ui(c, port=5000):
     """Browse the MLflow runs of the local store."""

@@ -1,0 +1,268 @@
+"""Command line: `keys create|list|revoke`, `users budget`, `report`, `verify`, `serve`.
+
+Wires settings, ledger, model and app together; every failure is one line on stderr and a
+non-zero exit, never a traceback. Business rules live in the modules it calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from pydantic import ValidationError
+
+from serving import pricing
+from serving.keys import create_key
+from serving.ledger import Ledger, LedgerError, day_range, open_ledger
+from serving.settings import Settings, load_settings
+
+
+class CliError(Exception):
+    """One line for the user; exit 2."""
+
+
+def _settings(args) -> Settings:
+    try:
+        return load_settings(ledger=getattr(args, "ledger", None),
+                             model_dir=getattr(args, "model_dir", None),
+                             host=getattr(args, "host", None), port=getattr(args, "port", None))
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(str(p) for p in e.get("loc", ()))
+        raise CliError(f"settings: TOKENMETER_{where.upper()}: {e.get('msg')}") from None
+
+
+def _ledger(args) -> Ledger:
+    s = _settings(args)
+    return open_ledger(s.ledger, s.commit_wait_ms / 1000, s.commit_max_batch)
+
+
+def _table(rows: List[Dict[str, object]], columns: Sequence[str]) -> str:
+    widths = [max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths))
+              for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_keys_create(args) -> int:
+    budget = pricing.usd_to_micro(args.budget_usd) if args.budget_usd is not None else None
+    ledger = _ledger(args)
+    record, plaintext = create_key(ledger, args.user, name=args.name, is_admin=args.admin,
+                                   rpm=args.rpm, tpm=args.tpm, budget_micro_usd=budget,
+                                   budget_tokens=args.budget_tokens)
+    if args.json:
+        print(json.dumps({"id": record.id, "user": record.user_id, "key": plaintext}))
+    else:
+        print(f"created {record.id} for user {record.user_id}")
+        print(f"key: {plaintext}")
+        print("This is the only time the key is shown; it is stored hashed.", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    rows = []
+    for k in _ledger(args).list_keys():
+        rows.append({"id": k.id, "user": k.user_id, "prefix": k.prefix + "...", "name": k.name,
+                     "admin": k.is_admin, "rpm": k.rpm, "tpm": k.tpm,
+                     "budget_usd": "" if k.budget_micro_usd is None
+                     else pricing.micro_to_str(k.budget_micro_usd),
+                     "budget_tokens": "" if k.budget_tokens is None else k.budget_tokens,
+                     "created_at": k.created_at,
+                     "status": "revoked" if k.revoked_at else "active"})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(_table(rows, ["id", "user", "prefix", "name", "admin", "rpm", "tpm",
+                            "budget_usd", "budget_tokens", "created_at", "status"]))
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    if not _ledger(args).revoke_key(args.key_id):
+        raise CliError(f"no active key {args.key_id} (see `keys list`)")
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+def cmd_users_budget(args) -> int:
+    budget = pricing.usd_to_micro(args.budget_usd) if args.budget_usd is not None else None
+    _ledger(args).set_user_budget(args.user, budget, args.budget_tokens)
+    shown = ", ".join(x for x in (
+        f"${pricing.micro_to_str(budget)}" if budget is not None else "",
+        f"{args.budget_tokens} tokens" if args.budget_tokens is not None else "") if x)
+    print(f"user {args.user}: monthly budget {shown or 'none (unlimited)'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    try:
+        lo, hi = day_range(args.start, args.end)
+    except ValueError as exc:
+        raise CliError(f"--start/--end must be YYYY-MM-DD: {exc}") from None
+    rows = _ledger(args).report(lo, hi)
+    for r in rows:
+        r["total_tokens"] = int(r["input_tokens"]) + int(r["output_tokens"])
+        r["cost_usd"] = pricing.micro_to_str(int(r.pop("cost_micro")))
+    columns = ["user", "requests", "input_tokens", "output_tokens", "total_tokens", "cost_usd"]
+    if args.format == "json":
+        print(json.dumps({"start": lo, "end_exclusive": hi, "users": rows}))
+    elif args.format == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        sys.stdout.write(buf.getvalue())
+    else:
+        print(f"usage from {lo} to {hi} (exclusive), UTC")
+        print(_table(rows, columns))
+    return 0
+
+
+def fetch_metrics(url: str) -> str:
+    import httpx
+
+    if not url.startswith(("http://", "https://")):
+        raise CliError("--url must start with http:// or https://")
+    resp = httpx.get(url.rstrip("/") + "/metrics", timeout=10)
+    resp.raise_for_status()
+    return resp.text
+
+
+def cmd_verify(args) -> int:
+    from serving.metrics import parse_billing_totals
+
+    try:
+        seen = parse_billing_totals(fetch_metrics(args.url))
+    except Exception as exc:  # httpx: connection, timeout, HTTP status
+        raise CliError(f"cannot read {args.url}/metrics: {exc}") from None
+    if not seen["instance_id"]:
+        raise CliError(f"{args.url}/metrics has no tokenmeter_instance_info: not tokenmeter?")
+    ledger_totals = _ledger(args).totals_for_instance(str(seen["instance_id"]))
+    drift = {k: int(ledger_totals[k]) - int(seen[k]) for k in ledger_totals}  # type: ignore
+    ok = all(v == 0 for v in drift.values())
+    print(json.dumps({"instance_id": seen["instance_id"], "ledger": ledger_totals,
+                      "metrics": {k: seen[k] for k in ledger_totals}, "drift": drift,
+                      "ok": ok}))
+    if not ok:
+        print("error: ledger and /metrics disagree (drift above)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+class _JsonLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if msg.startswith("{"):
+            return msg  # already a JSON event (billing_event)
+        out = {"level": record.levelname.lower(), "logger": record.name, "message": msg}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def cmd_serve(args) -> int:
+    s = _settings(args)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLineFormatter())
+    root = logging.getLogger("tokenmeter")
+    root.handlers[:] = [handler]
+    root.setLevel(s.log_level.upper())
+    root.propagate = False
+
+    from pipeline.model_dir import TOKENIZER_FILE
+    from serving.app import Components, create_app
+    from serving.metering import Meter
+    from serving.runner import ModelDirError, ModelRunner
+
+    try:
+        ledger = open_ledger(s.ledger, s.commit_wait_ms / 1000, s.commit_max_batch)
+        print(f"loading model {s.model_dir} ({s.execution})", file=sys.stderr)
+        runner = ModelRunner(s.model_dir, execution=s.execution, max_batch=s.max_batch,
+                             max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue_size,
+                             warmup=s.warmup)
+        price = pricing.price_for(s.pricing_file, runner.info.name)
+        meter = Meter(Path(s.model_dir) / TOKENIZER_FILE, runner.info.max_tokens,
+                      runner.info.labels)
+    except (ModelDirError, LedgerError, pricing.PricingError) as exc:
+        raise CliError(str(exc)) from None
+    ledger.start()
+    instance = s.instance_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    app = create_app(Components(s, runner, ledger, meter, price, instance))
+
+    import uvicorn
+
+    print(f"serving {runner.info.name}/{runner.info.version} on http://{s.host}:{s.port} "
+          f"(ledger: {ledger.kind}, instance {instance})", file=sys.stderr)
+    # One worker: the model runner and the ledger writer are threads of this process.
+    uvicorn.run(app, host=s.host, port=s.port, log_level=s.log_level, access_log=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
+    p.add_argument("--ledger", help="SQLite path or postgresql:// DSN "
+                                    "(default: $TOKENMETER_LEDGER or ledger.sqlite3)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    keys = sub.add_parser("keys", help="create, list or revoke API keys")
+    ks = keys.add_subparsers(dest="keys_command", required=True)
+    c = ks.add_parser("create", help="create a key (printed once)")
+    c.add_argument("--user", required=True)
+    c.add_argument("--name", default="")
+    c.add_argument("--admin", action="store_true", help="may read any user's usage")
+    c.add_argument("--rpm", type=int, default=0, help="requests per minute (0 = default)")
+    c.add_argument("--tpm", type=int, default=0, help="tokens per minute (0 = default)")
+    c.add_argument("--budget-usd", help="monthly budget in USD, e.g. 5.00")
+    c.add_argument("--budget-tokens", type=int, help="monthly budget in tokens")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_keys_create)
+    ls = ks.add_parser("list", help="list keys (never the key itself)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_keys_list)
+    r = ks.add_parser("revoke", help="revoke a key by id")
+    r.add_argument("key_id")
+    r.set_defaults(func=cmd_keys_revoke)
+
+    users = sub.add_parser("users", help="per-user settings")
+    us = users.add_subparsers(dest="users_command", required=True)
+    b = us.add_parser("budget", help="set a user's monthly budget over all their keys "
+                                     "(neither flag: remove it)")
+    b.add_argument("--user", required=True)
+    b.add_argument("--budget-usd", help="monthly budget in USD, e.g. 20.00")
+    b.add_argument("--budget-tokens", type=int, help="monthly budget in tokens")
+    b.set_defaults(func=cmd_users_budget)
+
+    rep = sub.add_parser("report", help="per-user totals for a period")
+    rep.add_argument("--start", help="YYYY-MM-DD (default: first day of this month, UTC)")
+    rep.add_argument("--end", help="YYYY-MM-DD inclusive (default: today, UTC)")
+    rep.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    rep.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("verify", help="reconcile the ledger with a running process's /metrics")
+    v.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")
+    v.set_defaults(func=cmd_verify)
+
+    sv = sub.add_parser("serve", help="run the endpoint under uvicorn")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=int)
+    sv.add_argument("--model-dir")
+    sv.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CliError, LedgerError, pricing.PricingError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,570 @@
+"""The billing ledger: API keys, monthly spend and one row per billed request, in SQLite (WAL,
+default) or PostgreSQL (from a DSN) with the same schema and migrations.
+
+Billing rows go through one writer thread that commits them in groups; `commit_event` returns
+only after the row is on disk, so the app can send the response after it. The budget check and
+the spend update are one conditional UPDATE inside that transaction: concurrent requests, even
+from several processes sharing PostgreSQL, cannot overspend. Knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+# Budgets left empty are stored as NULL; the conditional UPDATE compares against this.
+NO_LIMIT = 2 ** 62
+
+MIGRATIONS: List[Tuple[int, List[str]]] = [
+    (1, [
+        """CREATE TABLE IF NOT EXISTS api_keys (
+            id TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            is_admin INTEGER NOT NULL DEFAULT 0,
+            rpm INTEGER NOT NULL DEFAULT 0,
+            tpm INTEGER NOT NULL DEFAULT 0,
+            budget_micro_usd BIGINT,
+            budget_tokens BIGINT,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT)""",
+        """CREATE TABLE IF NOT EXISTS spend (
+            key_id TEXT NOT NULL,
+            period TEXT NOT NULL,
+            micro_usd BIGINT NOT NULL DEFAULT 0,
+            tokens BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (key_id, period))""",
+        """CREATE TABLE IF NOT EXISTS billing_events (
+            id TEXT PRIMARY KEY,
+            ts TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            currency TEXT NOT NULL,
+            input_price_per_1k TEXT NOT NULL,
+            output_price_per_1k TEXT NOT NULL,
+            input_cost_micro BIGINT NOT NULL,
+            output_cost_micro BIGINT NOT NULL,
+            cost_micro BIGINT NOT NULL,
+            latency_us BIGINT NOT NULL,
+            request_id TEXT NOT NULL,
+            instance_id TEXT NOT NULL,
+            idempotency_key TEXT,
+            response TEXT NOT NULL,
+            UNIQUE (key_id, idempotency_key))""",
+        "CREATE INDEX IF NOT EXISTS billing_events_user_ts ON billing_events (user_id, ts)",
+        "CREATE INDEX IF NOT EXISTS billing_events_instance ON billing_events (instance_id)",
+    ]),
+    (2, [
+        # Per-user monthly budgets, shared by all of a user's keys.
+        """CREATE TABLE IF NOT EXISTS user_budgets (
+            user_id TEXT PRIMARY KEY,
+            budget_micro_usd BIGINT,
+            budget_tokens BIGINT)""",
+        """CREATE TABLE IF NOT EXISTS user_spend (
+            user_id TEXT NOT NULL,
+            period TEXT NOT NULL,
+            micro_usd BIGINT NOT NULL DEFAULT 0,
+            tokens BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (user_id, period))""",
+    ]),
+]
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be opened or written; the message says which and why."""
+
+
+@dataclass
+class KeyRecord:
+    id: str
+    user_id: str
+    prefix: str
+    name: str
+    is_admin: bool
+    rpm: int
+    tpm: int
+    budget_micro_usd: Optional[int]
+    budget_tokens: Optional[int]
+    created_at: str
+    revoked_at: Optional[str]
+    # The user's budget (all keys of the user together), read with the key.
+    user_budget_micro_usd: Optional[int] = None
+    user_budget_tokens: Optional[int] = None
+
+    @property
+    def has_budget(self) -> bool:
+        return any(b is not None for b in (self.budget_micro_usd, self.budget_tokens,
+                                           self.user_budget_micro_usd, self.user_budget_tokens))
+
+
+SELECT_KEYS = ("SELECT k.id, k.user_id, k.prefix, k.name, k.is_admin, k.rpm, k.tpm,"
+               " k.budget_micro_usd, k.budget_tokens, k.created_at, k.revoked_at,"
+               " ub.budget_micro_usd, ub.budget_tokens"
+               " FROM api_keys k LEFT JOIN user_budgets ub ON ub.user_id = k.user_id")
+
+
+def _key(row) -> KeyRecord:
+    return KeyRecord(row[0], row[1], row[2], row[3], bool(row[4]), int(row[5]), int(row[6]),
+                     row[7], row[8], row[9], row[10], row[11], row[12])
+
+
+@dataclass
+class BillingEvent:
+    id: str
+    ts: str
+    key_id: str
+    user_id: str
+    model: str
+    model_version: str
+    input_tokens: int
+    output_tokens: int
+    currency: str
+    input_price_per_1k: str
+    output_price_per_1k: str
+    input_cost_micro: int
+    output_cost_micro: int
+    cost_micro: int
+    latency_us: int
+    request_id: str
+    instance_id: str
+    idempotency_key: Optional[str]
+    response: str
+
+    def columns(self) -> Tuple[Any, ...]:
+        return (self.id, self.ts, self.key_id, self.user_id, self.model, self.model_version,
+                self.input_tokens, self.output_tokens, self.currency, self.input_price_per_1k,
+                self.output_price_per_1k, self.input_cost_micro, self.output_cost_micro,
+                self.cost_micro, self.latency_us, self.request_id, self.instance_id,
+                self.idempotency_key, self.response)
+
+
+INSERT_EVENT = (
+    "INSERT INTO billing_events (id, ts, key_id, user_id, model, model_version, input_tokens,"
+    " output_tokens, currency, input_price_per_1k, output_price_per_1k, input_cost_micro,"
+    " output_cost_micro, cost_micro, latency_us, request_id, instance_id, idempotency_key,"
+    " response) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+FIND_IDEMPOTENT = "SELECT response FROM billing_events WHERE key_id = ? AND idempotency_key = ?"
+ENSURE_SPEND = "INSERT INTO spend (key_id, period) VALUES (?, ?) ON CONFLICT DO NOTHING"
+# The atomic budget check + spend: the row only moves if it stays within both budgets.
+SPEND = ("UPDATE spend SET micro_usd = micro_usd + ?, tokens = tokens + ?"
+         " WHERE key_id = ? AND period = ? AND micro_usd + ? <= ? AND tokens + ? <= ?")
+ENSURE_USER_SPEND = ("INSERT INTO user_spend (user_id, period) VALUES (?, ?)"
+                     " ON CONFLICT DO NOTHING")
+USER_SPEND = ("UPDATE user_spend SET micro_usd = micro_usd + ?, tokens = tokens + ?"
+              " WHERE user_id = ? AND period = ? AND micro_usd + ? <= ? AND tokens + ? <= ?")
+
+
+@dataclass
+class CommitResult:
+    status: str  # "billed" | "duplicate" | "insufficient_quota"
+    response: Optional[str] = None  # the first answer, for "duplicate"
+
+
+def now_iso(t: Optional[datetime] = None) -> str:
+    t = t or datetime.now(timezone.utc)
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def period_of(ts: str) -> str:
+    """Budgets are monthly, by UTC calendar month of the event time."""
+    return ts[:7]
+
+
+@dataclass
+class _Pending:
+    event: BillingEvent
+    key: KeyRecord
+    future: Future
+    result: Optional[CommitResult] = None
+    error: Optional[Exception] = None
+
+
+class Ledger:
+    """Common logic; subclasses say how to connect and which SQL dialect details differ."""
+
+    placeholder = "?"
+    integrity_errors: Tuple[type, ...] = (sqlite3.IntegrityError,)
+    kind = "sqlite"
+
+    def __init__(self, commit_wait_s: float = 0.001, commit_max_batch: int = 256):
+        self.commit_wait_s, self.commit_max_batch = commit_wait_s, commit_max_batch
+        self._local = threading.local()
+        self._queue: "queue.Queue[Optional[_Pending]]" = queue.Queue()
+        self._writer: Optional[threading.Thread] = None
+
+    # -- connections ---------------------------------------------------------------------
+    def _connect(self):
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    def _conn(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def _exec(self, conn, sql: str, params: Sequence[Any] = ()):
+        return conn.execute(self._sql(sql), tuple(params))
+
+    def _begin_write(self, conn) -> None:
+        self._exec(conn, "BEGIN")
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> List[tuple]:
+        try:
+            return list(self._exec(self._conn(), sql, params).fetchall())
+        except LedgerError:
+            raise
+        except Exception:
+            # A connection broken by a database restart stays broken: reconnect once.
+            self._drop_conn()
+            return list(self._exec(self._conn(), sql, params).fetchall())
+
+    def _drop_conn(self) -> None:
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # already broken; closing is best effort
+                pass
+
+    def _write(self, statements: Sequence[Tuple[str, Sequence[Any]]]) -> List[int]:
+        """Run statements in one transaction on this thread's connection; return rowcounts."""
+        conn = self._conn()
+        self._begin_write(conn)
+        try:
+            counts = [self._exec(conn, s, p).rowcount for s, p in statements]
+            self._exec(conn, "COMMIT")
+            return counts
+        except BaseException:
+            self._exec(conn, "ROLLBACK")
+            raise
+
+    # -- schema --------------------------------------------------------------------------
+    def _lock_migrations(self, conn) -> None:
+        """Held for the migration transaction, so two starting replicas do not race."""
+
+    def migrate(self) -> int:
+        conn = self._conn()
+        self._begin_write(conn)
+        try:
+            self._lock_migrations(conn)
+            self._exec(conn, "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                             "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+            done = {r[0] for r in self._exec(conn, "SELECT version FROM schema_migrations")}
+            for version, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for s in statements:
+                    self._exec(conn, s)
+                self._exec(conn, "INSERT INTO schema_migrations (version, applied_at) "
+                                 "VALUES (?, ?)", (version, now_iso()))
+            self._exec(conn, "COMMIT")
+        except BaseException:
+            self._exec(conn, "ROLLBACK")
+            raise
+        return max(v for v, _ in MIGRATIONS)
+
+    def schema_version(self) -> int:
+        return int(self._query("SELECT MAX(version) FROM schema_migrations")[0][0])
+
+    def writable(self) -> bool:
+        """True when a write transaction can be opened (used by /readyz)."""
+        try:
+            self._write([("UPDATE schema_migrations SET version = version WHERE version < 0",
+                          ())])
+            return True
+        except Exception:
+            return False
+
+    # -- keys ----------------------------------------------------------------------------
+    def add_key(self, key: KeyRecord, key_hash: str) -> None:
+        self._write([("INSERT INTO api_keys (id, user_id, key_hash, prefix, name, is_admin, "
+                      "rpm, tpm, budget_micro_usd, budget_tokens, created_at) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (key.id, key.user_id, key_hash, key.prefix, key.name, int(key.is_admin),
+                       key.rpm, key.tpm, key.budget_micro_usd, key.budget_tokens,
+                       key.created_at))])
+
+    def key_by_hash(self, key_hash: str) -> Optional[KeyRecord]:
+        rows = self._query(SELECT_KEYS + " WHERE k.key_hash = ?", (key_hash,))
+        return _key(rows[0]) if rows else None
+
+    def list_keys(self) -> List[KeyRecord]:
+        return [_key(r) for r in
+                self._query(SELECT_KEYS + " ORDER BY k.created_at, k.id")]
+
+    def revoke_key(self, key_id: str) -> bool:
+        counts = self._write([("UPDATE api_keys SET revoked_at = ? "
+                               "WHERE id = ? AND revoked_at IS NULL", (now_iso(), key_id))])
+        return counts[0] == 1
+
+    # -- billing -------------------------------------------------------------------------
+    def find_idempotent(self, key_id: str, idempotency_key: str) -> Optional[str]:
+        rows = self._query(FIND_IDEMPOTENT, (key_id, idempotency_key))
+        return rows[0][0] if rows else None
+
+    def spent(self, key_id: str, period: str) -> Tuple[int, int]:
+        """(micro-USD, tokens) billed to a key in a month."""
+        rows = self._query("SELECT micro_usd, tokens FROM spend WHERE key_id = ? AND period = ?",
+                           (key_id, period))
+        return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
+
+    def user_spent(self, user_id: str, period: str) -> Tuple[int, int]:
+        """(micro-USD, tokens) billed to all of a user's keys in a month."""
+        rows = self._query("SELECT micro_usd, tokens FROM user_spend"
+                           " WHERE user_id = ? AND period = ?", (user_id, period))
+        return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
+
+    def set_user_budget(self, user_id: str, budget_micro_usd: Optional[int],
+                        budget_tokens: Optional[int]) -> None:
+        """Set (or, with both None, clear) a user's monthly budget."""
+        self._write([("INSERT INTO user_budgets (user_id, budget_micro_usd, budget_tokens)"
+                      " VALUES (?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
+                      " budget_micro_usd = excluded.budget_micro_usd,"
+                      " budget_tokens = excluded.budget_tokens",
+                      (user_id, budget_micro_usd, budget_tokens))])
+
+    def start(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="ledger-writer",
+                                            daemon=True)
+            self._writer.start()
+
+    def stop(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=10)
+            self._writer = None
+
+    def commit_event(self, event: BillingEvent, key: KeyRecord) -> Future:
+        """Queue a billing row; the future resolves to a CommitResult once it is durable.
+
+        It is billed only if it fits the key's and the user's budgets for its month."""
+        fut: Future = Future()
+        self._queue.put(_Pending(event, key, fut))
+        return fut
+
+    def _apply(self, conn, p: _Pending) -> CommitResult:
+        e = p.event
+        if e.idempotency_key is not None:
+            rows = self._exec(conn, FIND_IDEMPOTENT, (e.key_id, e.idempotency_key)).fetchall()
+            if rows:
+                return CommitResult("duplicate", rows[0][0])
+        period = period_of(e.ts)
+        tokens = e.input_tokens + e.output_tokens
+
+        def cap(v: Optional[int]) -> int:
+            return NO_LIMIT if v is None else v
+
+        # User row before key row, groups sorted by (user, key): every transaction takes the
+        # row locks in one global order, so two PostgreSQL writers cannot deadlock.
+        self._exec(conn, ENSURE_USER_SPEND, (e.user_id, period))
+        moved = self._exec(conn, USER_SPEND, (
+            e.cost_micro, tokens, e.user_id, period, e.cost_micro,
+            cap(p.key.user_budget_micro_usd), tokens, cap(p.key.user_budget_tokens))).rowcount
+        if moved != 1:
+            return CommitResult("insufficient_quota")
+        self._exec(conn, ENSURE_SPEND, (e.key_id, period))
+        moved = self._exec(conn, SPEND, (
+            e.cost_micro, tokens, e.key_id, period, e.cost_micro,
+            cap(p.key.budget_micro_usd), tokens, cap(p.key.budget_tokens))).rowcount
+        if moved != 1:
+            return CommitResult("insufficient_quota")
+        self._exec(conn, INSERT_EVENT, e.columns())
+        return CommitResult("billed")
+
+    def _apply_guarded(self, conn, p: _Pending) -> None:
+        self._exec(conn, "SAVEPOINT ev")
+        try:
+            result = self._apply(conn, p)
+            if result.status == "insufficient_quota":
+                self._exec(conn, "ROLLBACK TO SAVEPOINT ev")
+            self._exec(conn, "RELEASE SAVEPOINT ev")
+            p.result = result
+        except self.integrity_errors:
+            # Another process committed the same Idempotency-Key between our check and insert.
+            self._exec(conn, "ROLLBACK TO SAVEPOINT ev")
+            self._exec(conn, "RELEASE SAVEPOINT ev")
+            rows = self._exec(conn, FIND_IDEMPOTENT,
+                              (p.event.key_id, p.event.idempotency_key)).fetchall()
+            if not rows:
+                raise
+            p.result = CommitResult("duplicate", rows[0][0])
+        except Exception as exc:
+            self._exec(conn, "ROLLBACK TO SAVEPOINT ev")
+            self._exec(conn, "RELEASE SAVEPOINT ev")
+            p.error = exc
+
+    def _write_loop(self) -> None:
+        conn = None  # the writer's own connection, reopened after a failure
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            deadline = time.monotonic() + self.commit_wait_s
+            stop = False
+            while len(group) < self.commit_max_batch:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=remaining) if remaining > 0 else \
+                        self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                group.append(item)
+            try:
+                if conn is None:
+                    conn = self._connect()
+                self._begin_write(conn)
+                for p in sorted(group, key=lambda p: (p.event.user_id, p.event.key_id)):
+                    p.result, p.error = None, None
+                    self._apply_guarded(conn, p)
+                self._exec(conn, "COMMIT")  # one fsync for the whole group
+            except Exception as exc:
+                # Nothing of the group is committed: each request answers 500, unbilled.
+                if conn is not None:
+                    try:
+                        self._exec(conn, "ROLLBACK")
+                        conn.close()
+                    except Exception:  # the connection may be gone already
+                        pass
+                conn = None
+                for p in group:
+                    p.future.set_exception(LedgerError(f"ledger commit failed: {exc}"))
+            else:
+                for p in group:
+                    if p.error is not None:
+                        p.future.set_exception(p.error)
+                    else:
+                        p.future.set_result(p.result)
+            if stop:
+                return
+
+    # -- reading -------------------------------------------------------------------------
+    def usage(self, user_id: str, start: str, end_exclusive: str) -> List[Dict[str, Any]]:
+        """Requests, tokens and cost by UTC day and model for one user, start <= day < end."""
+        rows = self._query(
+            "SELECT substr(ts, 1, 10) AS day, model, COUNT(*), SUM(input_tokens),"
+            " SUM(output_tokens), SUM(cost_micro) FROM billing_events"
+            " WHERE user_id = ? AND ts >= ? AND ts < ?"
+            " GROUP BY substr(ts, 1, 10), model ORDER BY 1, 2",
+            (user_id, start, end_exclusive))
+        return [{"date": r[0], "model": r[1], "requests": int(r[2]),
+                 "input_tokens": int(r[3]), "output_tokens": int(r[4]),
+                 "cost_micro": int(r[5])} for r in rows]
+
+    def report(self, start: str, end_exclusive: str) -> List[Dict[str, Any]]:
+        rows = self._query(
+            "SELECT user_id, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost_micro)"
+            " FROM billing_events WHERE ts >= ? AND ts < ? GROUP BY user_id ORDER BY user_id",
+            (start, end_exclusive))
+        return [{"user": r[0], "requests": int(r[1]), "input_tokens": int(r[2]),
+                 "output_tokens": int(r[3]), "cost_micro": int(r[4])} for r in rows]
+
+    def totals_for_instance(self, instance_id: str) -> Dict[str, int]:
+        r = self._query("SELECT COUNT(*), COALESCE(SUM(input_tokens), 0),"
+                        " COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost_micro), 0)"
+                        " FROM billing_events WHERE instance_id = ?", (instance_id,))[0]
+        return {"requests": int(r[0]), "input_tokens": int(r[1]), "output_tokens": int(r[2]),
+                "cost_micro": int(r[3])}
+
+    def event_ids(self) -> List[str]:
+        return [r[0] for r in self._query("SELECT id FROM billing_events")]
+
+    def close(self) -> None:
+        self.stop()
+        self._drop_conn()
+
+
+class SQLiteLedger(Ledger):
+    kind = "sqlite"
+
+    def __init__(self, path: Path, **kw):
+        super().__init__(**kw)
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise LedgerError(f"ledger folder {self.path.parent} does not exist")
+
+    def _connect(self):
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per group).
+        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is fsynced before commit_event returns (the row is on disk).
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _begin_write(self, conn) -> None:
+        # IMMEDIATE takes the write lock up front, so the budget read-modify-write in the
+        # group cannot interleave with another writer (a second process, the keys CLI).
+        self._exec(conn, "BEGIN IMMEDIATE")
+
+
+class PostgresLedger(Ledger):
+    kind = "postgresql"
+    placeholder = "%s"
+
+    def __init__(self, dsn: str, **kw):
+        import psycopg
+
+        super().__init__(**kw)
+        self.dsn = dsn
+        self.integrity_errors = (psycopg.IntegrityError,)
+
+    def _connect(self):
+        import psycopg
+
+        try:
+            # autocommit: we issue BEGIN/COMMIT ourselves, as with SQLite.
+            return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreachable"
+            raise LedgerError(f"cannot connect to PostgreSQL: {first}") from exc
+
+    def _lock_migrations(self, conn) -> None:
+        self._exec(conn, "SELECT pg_advisory_xact_lock(727274)")
+
+
+def open_ledger(target: str, commit_wait_s: float = 0.001,
+                commit_max_batch: int = 256) -> Ledger:
+    """A migrated ledger: `postgresql://...` (or `postgres://`) or a SQLite file path."""
+    kw = dict(commit_wait_s=commit_wait_s, commit_max_batch=commit_max_batch)
+    if target.startswith(("postgresql://", "postgres://")):
+        ledger: Ledger = PostgresLedger(target, **kw)
+    else:
+        ledger = SQLiteLedger(Path(target), **kw)
+    try:
+        ledger.migrate()
+    except LedgerError:
+        raise
+    except Exception as exc:
+        raise LedgerError(f"cannot open the ledger {ledger.kind}: {exc}") from exc
+    return ledger
+
+
+def day_range(start: Optional[str], end: Optional[str]) -> Tuple[str, str]:
+    """Inclusive YYYY-MM-DD dates (default: this UTC month so far) -> [start, end) timestamps."""
+    today = datetime.now(timezone.utc).date()
+    s = datetime.strptime(start, "%Y-%m-%d").date() if start else today.replace(day=1)
+    e = datetime.strptime(end, "%Y-%m-%d").date() if end else today
+    if e < s:
+        raise ValueError("end is before start")
+    return s.isoformat(), (e + timedelta(days=1)).isoformat()

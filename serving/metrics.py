@@ -1,0 +1,64 @@
+"""Prometheus metrics of one endpoint process, on its own registry: requests by status, billed
+tokens and cost, latency, batch size and queue depth. Labels are bounded (route, status class,
+model); no per-user or per-key labels, which would grow without limit.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+
+class Metrics:
+    def __init__(self, instance_id: str, model: str, version: str):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Info("tokenmeter_instance", "This process: the id its billing rows carry", registry=r) \
+            .info({"instance_id": instance_id, "model": model, "model_version": version})
+        self.requests = Counter("tokenmeter_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.billed = Counter("tokenmeter_billed_requests",
+                              "Requests written to the ledger by this process", ["model"],
+                              registry=r)
+        self.tokens = Counter("tokenmeter_billed_tokens", "Billed tokens", ["model", "direction"],
+                              registry=r)
+        # Integer micro-USD, so the counter sums exactly (a float of whole numbers < 2**53).
+        self.cost = Counter("tokenmeter_billed_cost_micro_usd", "Billed cost in micro-USD",
+                            ["model"], registry=r)
+        self.latency = Histogram("tokenmeter_request_latency_seconds",
+                                 "Latency of /v1/analyze answers", ["status"], registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch_size = Histogram("tokenmeter_batch_size", "Rows per model call", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.queue_depth = Gauge("tokenmeter_queue_depth", "Jobs waiting for the model",
+                                 registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def parse_billing_totals(text: str) -> Dict[str, object]:
+    """From a /metrics page: this process's instance id and billed totals (for `verify`)."""
+    out: Dict[str, object] = {"instance_id": None, "requests": 0, "input_tokens": 0,
+                              "output_tokens": 0, "cost_micro": 0}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "tokenmeter_instance_info":
+                out["instance_id"] = s.labels.get("instance_id")
+            elif s.name == "tokenmeter_billed_requests_total":
+                out["requests"] = int(out["requests"]) + int(s.value)
+            elif s.name == "tokenmeter_billed_tokens_total":
+                key = "input_tokens" if s.labels.get("direction") == "input" else "output_tokens"
+                out[key] = int(out[key]) + int(s.value)
+            elif s.name == "tokenmeter_billed_cost_micro_usd_total":
+                out["cost_micro"] = int(out["cost_micro"]) + int(s.value)
+    return out

@@ -1,0 +1,107 @@
+"""Prices per model from the pricing file, and the one rounding rule that turns tokens into money.
+
+Amounts are integer micro-USD (1 USD = 1,000,000) or Decimal; a float never touches money.
+This module knows nothing about requests, keys or the ledger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from pathlib import Path
+from typing import Dict
+
+import yaml
+
+MICRO = Decimal("0.000001")
+MICRO_PER_UNIT = 1_000_000
+
+
+class PricingError(ValueError):
+    """The pricing file is missing, malformed, or has no price for a model."""
+
+
+@dataclass(frozen=True)
+class Price:
+    model: str
+    currency: str
+    input_per_1k: Decimal
+    output_per_1k: Decimal
+
+
+@dataclass(frozen=True)
+class Cost:
+    input_micro: int
+    output_micro: int
+
+    @property
+    def total_micro(self) -> int:
+        return self.input_micro + self.output_micro
+
+
+def side_cost_micro(tokens: int, price_per_1k: Decimal) -> int:
+    """The rounding rule: tokens * price / 1000, half-up to a whole micro-USD, per side."""
+    amount = Decimal(tokens) * price_per_1k / Decimal(1000)
+    return int((amount / MICRO).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def cost(price: Price, input_tokens: int, output_tokens: int) -> Cost:
+    return Cost(side_cost_micro(input_tokens, price.input_per_1k),
+                side_cost_micro(output_tokens, price.output_per_1k))
+
+
+def micro_to_str(micro: int) -> str:
+    """Micro-USD as a decimal string with six places, e.g. 3000 -> "0.003000"."""
+    return str((Decimal(micro) * MICRO).quantize(MICRO))
+
+
+def usd_to_micro(value: str) -> int:
+    """A decimal USD string ("1.50") as micro-USD; more than six places is an error."""
+    try:
+        d = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise PricingError(f"not a decimal amount: {value!r}") from exc
+    micro = d / MICRO
+    if micro != micro.to_integral_value() or d < 0:
+        raise PricingError(f"amount must be >= 0 with at most 6 decimal places: {value!r}")
+    return int(micro)
+
+
+def _decimal(v, where: str) -> Decimal:
+    if isinstance(v, float):
+        # YAML 0.002 is a float: refuse it rather than inherit binary rounding.
+        raise PricingError(f"{where}: write prices as quoted strings, e.g. \"0.002\" (got {v!r})")
+    try:
+        d = Decimal(str(v))
+    except InvalidOperation as exc:
+        raise PricingError(f"{where}: not a decimal: {v!r}") from exc
+    if d < 0:
+        raise PricingError(f"{where}: negative price {v!r}")
+    return d
+
+
+def load_prices(path: Path) -> Dict[str, Price]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise PricingError(f"cannot read pricing file {path}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        raise PricingError(f"{path}: expected a mapping with `currency` and `models`")
+    currency = str(data.get("currency", "USD"))
+    prices = {}
+    for name, p in data["models"].items():
+        if not isinstance(p, dict):
+            raise PricingError(f"{path}: models.{name}: expected input_per_1k and output_per_1k")
+        prices[str(name)] = Price(
+            model=str(name), currency=currency,
+            input_per_1k=_decimal(p.get("input_per_1k"), f"{path}: models.{name}.input_per_1k"),
+            output_per_1k=_decimal(p.get("output_per_1k"),
+                                   f"{path}: models.{name}.output_per_1k"))
+    return prices
+
+
+def price_for(path: Path, model: str) -> Price:
+    prices = load_prices(path)
+    if model not in prices:
+        raise PricingError(f"{path}: no price for model {model!r} (have: {sorted(prices)})")
+    return prices[model]

@@ -1,0 +1,70 @@
+"""The one typed settings object of the endpoint, read from TOKENMETER_* environment variables.
+
+Validated at start-up (bad values stop the process with one line); it must not read files
+or open connections -- the modules that own those do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PRICING = Path(__file__).resolve().parent / "pricing.yaml"
+
+
+class Settings(BaseSettings):
+    # protected_namespaces=(): `model_dir` is our field, not pydantic's (older 2.x warn on it).
+    model_config = SettingsConfigDict(env_prefix="TOKENMETER_", extra="ignore",
+                                      protected_namespaces=())
+
+    model_dir: Path = Path("models/sentiment/1")
+    # A filesystem path means SQLite; postgresql://... means PostgreSQL.
+    ledger: str = "ledger.sqlite3"
+    pricing_file: Path = DEFAULT_PRICING
+    # Loopback by default: exposing the endpoint is a deliberate act (a proxy, or --host).
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    max_texts: int = Field(32, ge=1, le=1024)
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_idempotency_key_len: int = Field(200, ge=8)
+
+    # Micro-batching.
+    max_batch: int = Field(32, ge=1)
+    max_wait_ms: float = Field(2.0, ge=0)
+    queue_size: int = Field(1024, ge=1)
+    execution: str = "graph"  # graph | eager | xla
+    warmup: bool = True
+
+    # Ledger group commit: wait this long for more events to share one commit.
+    commit_wait_ms: float = Field(1.0, ge=0)
+    commit_max_batch: int = Field(256, ge=1)
+
+    # Defaults for keys created without their own limits (0 = unlimited).
+    default_rpm: int = Field(0, ge=0)
+    default_tpm: int = Field(0, ge=0)
+
+    log_level: str = "info"
+    instance_id: Optional[str] = None
+
+    @field_validator("execution")
+    @classmethod
+    def _execution(cls, v: str) -> str:
+        if v not in ("graph", "eager", "xla"):
+            raise ValueError("must be one of graph, eager, xla")
+        return v
+
+    @field_validator("ledger")
+    @classmethod
+    def _ledger(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a SQLite file path or a postgresql:// DSN")
+        return v
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, with explicit overrides (CLI flags) on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

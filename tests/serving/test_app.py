@@ -1,0 +1,298 @@
+"""The metered endpoint for real: `python -m serving serve` under uvicorn on a loopback port,
+the smoke model, a SQLite ledger file, keys made with the CLI. Every 2xx must be billed exactly
+as answered; every error must have its status and code and write nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from decimal import Decimal
+from pathlib import Path
+from typing import Dict, List
+
+import httpx
+import pytest
+from tokenizers import Tokenizer
+
+from tests.serving.conftest import Server, cli, make_key
+
+pytestmark = pytest.mark.slow
+
+MAX_TEXTS = 4
+MAX_BODY = 4096
+PRICE = Decimal("0.002")  # serving/pricing.yaml, both sides
+
+
+@pytest.fixture(scope="module")
+def env(model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("app")
+    ledger = str(d / "ledger.sqlite3")
+    cli(ledger, "keys", "list")  # creates and migrates the ledger before the server starts
+    server = Server(model_dir, ledger, d / "server.log",
+                    env={"TOKENMETER_MAX_TEXTS": str(MAX_TEXTS),
+                         "TOKENMETER_MAX_BODY_BYTES": str(MAX_BODY)}).start()
+    yield server
+    server.stop()
+
+
+def rows(ledger: str, sql: str, params=()) -> List[tuple]:
+    with sqlite3.connect(ledger) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def key_rows(server: Server, user: str) -> int:
+    return rows(server.ledger, "SELECT COUNT(*) FROM billing_events WHERE user_id = ?",
+                (user,))[0][0]
+
+
+def post(server: Server, key: str, body, headers: Dict[str, str] = None) -> httpx.Response:
+    h = {"Authorization": f"Bearer {key}", **(headers or {})}
+    if isinstance(body, (bytes, str)):
+        return httpx.post(server.url + "/v1/analyze", content=body, headers=h, timeout=60)
+    return httpx.post(server.url + "/v1/analyze", json=body, headers=h, timeout=60)
+
+
+def independent_counts(model_dir: Path, texts: List[str], labels: List[str]):
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    inp = sum(len(tok.encode(t).ids) for t in texts)
+    out = sum(len(tok.encode(lb, add_special_tokens=False).ids) for lb in labels)
+    return inp, out
+
+
+def micro(tokens: int) -> Decimal:
+    from decimal import ROUND_HALF_UP
+
+    return (Decimal(tokens) * PRICE / 1000).quantize(Decimal("0.000001"), ROUND_HALF_UP)
+
+
+def test_answer_usage_ledger_and_usage_endpoint_agree(env, model_dir):
+    key = make_key(env.ledger, "u-agree")
+    texts = ["这个手机很好用，电池也耐用", "Terrible battery, never again", "好评 😀👍 great",
+             "  质量一般  "]
+    r = post(env, key, {"texts": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "sentiment" and body["model_version"] == "1"
+    assert [set(x) for x in body["results"]] == [{"label", "score"}] * 4
+    labels = [x["label"] for x in body["results"]]
+    assert set(labels) <= {"negative", "positive"}
+    inp, out = independent_counts(model_dir, texts, labels)
+    assert body["usage"] == {"input_tokens": inp, "output_tokens": out,
+                             "total_tokens": inp + out}
+    cost = body["cost"]
+    assert cost["currency"] == "USD"
+    assert Decimal(cost["input"]) == micro(inp) and Decimal(cost["output"]) == micro(out)
+    assert Decimal(cost["total"]) == micro(inp) + micro(out)
+
+    second = post(env, key, {"text": "一般般"})
+    assert second.status_code == 200
+    [(i_tok, o_tok, c, key_id, resp)] = rows(
+        env.ledger, "SELECT input_tokens, output_tokens, cost_micro, key_id, response FROM "
+        "billing_events WHERE id = ?", (body["id"],))
+    assert (i_tok, o_tok) == (inp, out)
+    assert Decimal(c) / 10 ** 6 == Decimal(cost["total"])
+    assert json.loads(resp) == body
+    assert key_rows(env, "u-agree") == 2
+
+    u = httpx.get(env.url + "/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    b2 = second.json()
+    assert u["user"] == "u-agree" and u["granularity"] == "day"
+    assert u["total"]["requests"] == 2
+    assert u["total"]["input_tokens"] == inp + b2["usage"]["input_tokens"]
+    assert u["total"]["output_tokens"] == out + b2["usage"]["output_tokens"]
+    assert Decimal(u["total"]["cost"]["total"]) == \
+        Decimal(cost["total"]) + Decimal(b2["cost"]["total"])
+    [day] = u["data"]
+    assert day["model"] == "sentiment" and day["requests"] == 2
+
+    billed = [e for e in env.billing_lines() if e["id"] in (body["id"], b2["id"])]
+    assert len(billed) == 2 and billed[0]["input_tokens"] == inp
+    log = env.log()
+    assert key not in log and texts[0] not in log and "Terrible battery" not in log
+
+
+BAD = [
+    (b'{"text": ', 400, "invalid_json"),
+    (b'\xff\xfe', 400, "invalid_json"),
+    (b'["a list"]', 400, "invalid_body"),
+    (b'{}', 400, "missing_text"),
+    (b'{"text": ""}', 400, "empty_text"),
+    (b'{"text": "  \\n\\t "}', 400, "empty_text"),
+    (b'{"text": "\\u200b"}', 400, "empty_text"),  # nothing left after normalisation
+    (b'{"text": 5}', 400, "invalid_text"),
+    (b'{"texts": ["ok", null]}', 400, "invalid_text"),
+    (b'{"texts": "not a list"}', 400, "invalid_texts"),
+    (b'{"texts": []}', 400, "missing_text"),
+    (json.dumps({"texts": ["ok"] * (MAX_TEXTS + 1)}).encode(), 400, "too_many_texts"),
+    (json.dumps({"text": "a" * (MAX_BODY + 10)}).encode(), 400, "body_too_large"),
+    (b'{"text": "ok", "texts": ["ok"]}', 400, "ambiguous_input"),
+    (b'{"text": "ok", "user": "someone-else"}', 400, "unknown_field"),
+    (b'{"text": "ok", "truncate": "yes"}', 400, "invalid_truncate"),
+    (json.dumps({"text": "好" * 100}).encode(), 413, "input_too_long"),
+]
+
+
+@pytest.mark.parametrize("body,status,code", BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
+def test_bad_input_gets_its_error_and_is_not_billed(env, body, status, code):
+    key = make_key(env.ledger, "u-bad")
+    before = key_rows(env, "u-bad")
+    r = post(env, key, body, {"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["type"] and err["message"]
+    assert "Traceback" not in r.text
+    assert key_rows(env, "u-bad") == before
+
+
+def test_keys_missing_unknown_revoked_get_401(env):
+    assert httpx.post(env.url + "/v1/analyze", json={"text": "好"}).json()["error"]["code"] \
+        == "missing_api_key"
+    r = post(env, "tm_not-a-real-key", {"text": "好"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    key = make_key(env.ledger, "u-revoke")
+    assert post(env, key, {"text": "好"}).status_code == 200
+    key_id = [k["id"] for k in json.loads(cli(env.ledger, "keys", "list", "--json").stdout)
+              if k["user"] == "u-revoke"][0]
+    cli(env.ledger, "keys", "revoke", key_id)
+    r = post(env, key, {"text": "好"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "revoked_api_key"
+    assert key_rows(env, "u-revoke") == 1
+
+
+def test_truncate_bills_the_truncated_count(env, model_dir):
+    key = make_key(env.ledger, "u-trunc")
+    r = post(env, key, {"text": "好" * 100, "truncate": True})
+    assert r.status_code == 200, r.text
+    max_tokens = json.loads((model_dir / "model_card.json").read_text())["max_input_tokens"]
+    assert r.json()["usage"]["input_tokens"] == max_tokens
+    [(billed,)] = rows(env.ledger, "SELECT input_tokens FROM billing_events WHERE id = ?",
+                       (r.json()["id"],))
+    assert billed == max_tokens
+
+
+def test_idempotency_key_retry_returns_the_same_body_and_bills_once(env):
+    key = make_key(env.ledger, "u-idem")
+    first = post(env, key, {"text": "物流很快"}, {"Idempotency-Key": "order-42"})
+    again = post(env, key, {"text": "物流很快"}, {"Idempotency-Key": "order-42"})
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert key_rows(env, "u-idem") == 1
+    other = post(env, key, {"text": "物流很快"}, {"Idempotency-Key": "order-43"})
+    assert other.json()["id"] != first.json()["id"] and key_rows(env, "u-idem") == 2
+    bad = post(env, key, {"text": "x"}, {"Idempotency-Key": "has space"})
+    assert bad.status_code == 400 and key_rows(env, "u-idem") == 2
+
+
+async def _burst(url: str, key: str, n: int, body) -> List[httpx.Response]:
+    limits = httpx.Limits(max_connections=n)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+        return await asyncio.gather(*[
+            client.post(url + "/v1/analyze", json=body,
+                        headers={"Authorization": f"Bearer {key}"}) for _ in range(n)])
+
+
+def test_50_concurrent_requests_at_a_budget_edge_never_overspend(env, model_dir):
+    one_in, one_out = independent_counts(model_dir, ["好"], ["positive"])
+    per = micro(one_in) + micro(one_out)
+    budget = per * 10
+    key = make_key(env.ledger, "u-budget", "--budget-usd", str(budget))
+    responses = asyncio.run(_burst(env.url, key, 50, {"text": "好"}))
+    codes = [r.status_code for r in responses]
+    assert codes.count(200) == 10, codes
+    assert codes.count(429) == 40
+    assert all(r.json()["error"]["code"] == "insufficient_quota"
+               for r in responses if r.status_code == 429)
+    [(n, spent)] = rows(env.ledger, "SELECT COUNT(*), SUM(cost_micro) FROM billing_events "
+                                    "WHERE user_id = 'u-budget'")
+    assert n == 10 and Decimal(spent) / 10 ** 6 == budget
+    ok_ids = {r.json()["id"] for r in responses if r.status_code == 200}
+    assert ok_ids == {i for (i,) in rows(env.ledger, "SELECT id FROM billing_events "
+                                                     "WHERE user_id = 'u-budget'")}
+
+
+def test_a_user_budget_caps_all_of_the_users_keys(env, model_dir):
+    one_in, one_out = independent_counts(model_dir, ["好"], ["positive"])
+    per = micro(one_in) + micro(one_out)
+    cli(env.ledger, "users", "budget", "--user", "u-ub", "--budget-usd", str(per * 3))
+    keys = [make_key(env.ledger, "u-ub"), make_key(env.ledger, "u-ub")]
+    codes = [post(env, keys[i % 2], {"text": "好"}).status_code for i in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+    assert key_rows(env, "u-ub") == 3
+
+
+def test_rpm_and_tpm_limits_answer_429_with_retry_after(env):
+    key = make_key(env.ledger, "u-rpm", "--rpm", "2")
+    codes = [post(env, key, {"text": "好"}).status_code for _ in range(2)]
+    r = post(env, key, {"text": "好"})
+    assert codes == [200, 200] and r.status_code == 429
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(r.headers["retry-after"]) >= 1
+    assert key_rows(env, "u-rpm") == 2
+
+    key = make_key(env.ledger, "u-tpm", "--tpm", "25")  # "好" reserves 3 + 8 = 11 tokens
+    codes = [post(env, key, {"text": "好"}).status_code for _ in range(2)]
+    r = post(env, key, {"text": "好"})
+    assert codes == [200, 200] and r.status_code == 429
+    assert r.json()["error"]["code"] == "token_rate_limit_exceeded"
+    assert int(r.headers["retry-after"]) >= 1
+    assert key_rows(env, "u-tpm") == 2
+
+
+def test_usage_of_another_user_needs_an_admin_key(env):
+    key = make_key(env.ledger, "u-plain")
+    admin = make_key(env.ledger, "ops", "--admin")
+    r = httpx.get(env.url + "/v1/usage", params={"user": "u-agree"},
+                  headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    r = httpx.get(env.url + "/v1/usage", params={"user": "u-agree"},
+                  headers={"Authorization": f"Bearer {admin}"})
+    assert r.status_code == 200 and r.json()["user"] == "u-agree"
+    r = httpx.get(env.url + "/v1/usage", params={"granularity": "hour"},
+                  headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_granularity"
+    r = httpx.get(env.url + "/v1/usage", params={"start": "yesterday"},
+                  headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_date"
+
+
+def test_health_ready_openapi_and_unknown_routes(env):
+    assert httpx.get(env.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(env.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["ledger_writable"] is True
+    spec = httpx.get(env.url + "/openapi.json").json()
+    op = spec["paths"]["/v1/analyze"]["post"]
+    assert "requestBody" in op and {"200", "400", "401", "413", "429", "503"} <= set(
+        op["responses"])
+    r = httpx.get(env.url + "/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_metrics_match_the_ledger_and_verify_reports_zero_drift(env):
+    key = make_key(env.ledger, "u-verify")
+    assert post(env, key, {"texts": ["好", "差"]}).status_code == 200
+    text = httpx.get(env.url + "/metrics").text
+    assert "tokenmeter_billed_cost_micro_usd_total" in text
+    assert "tokenmeter_batch_size_bucket" in text and "u-verify" not in text
+    r = cli(env.ledger, "verify", "--url", env.url)
+    report = json.loads(r.stdout)
+    assert report["ok"] is True and set(report["drift"].values()) == {0}
+    [(n,)] = rows(env.ledger, "SELECT COUNT(*) FROM billing_events")
+    assert report["ledger"]["requests"] == n > 0
+
+
+def test_report_cli_prints_per_user_totals(env):
+    out = json.loads(cli(env.ledger, "report", "--format", "json").stdout)
+    by_user = {u["user"]: u for u in out["users"]}
+    [(n, inp, cost)] = rows(env.ledger, "SELECT COUNT(*), SUM(input_tokens), SUM(cost_micro) "
+                                        "FROM billing_events WHERE user_id = 'u-idem'")
+    assert by_user["u-idem"]["requests"] == n
+    assert by_user["u-idem"]["input_tokens"] == inp
+    assert Decimal(by_user["u-idem"]["cost_usd"]) * 10 ** 6 == cost
+    csv_out = cli(env.ledger, "report", "--format", "csv").stdout.splitlines()
+    assert csv_out[0] == "user,requests,input_tokens,output_tokens,total_tokens,cost_usd"
+    assert any(line.startswith("u-idem,") for line in csv_out)
+    assert "u-idem" in cli(env.ledger, "report").stdout

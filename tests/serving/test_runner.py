@@ -1,0 +1,177 @@
+"""The model runner: refusing bad model directories (one line, before serving) and the
+micro-batcher's queueing, bucketing and overload behaviour (with a plain numpy model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from serving.runner import MicroBatcher, ModelDirError, Overloaded, check_model_dir
+from tests.serving.conftest import ROOT
+
+
+class RecordingModel:
+    """A real (tiny) model: probabilities from the row sums; records every batch shape."""
+
+    def __init__(self, gate: threading.Event = None):
+        self.shapes, self.gate, self.entered = [], gate, threading.Event()
+
+    def __call__(self, ids, mask):
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        self.shapes.append(ids.shape)
+        p = (mask.sum(axis=1) % 2).astype(np.float32)
+        return np.stack([1 - p, p], axis=1)
+
+
+def test_batcher_pads_to_buckets_and_answers_each_job():
+    gate = threading.Event()
+    model = RecordingModel(gate)
+    b = MicroBatcher(model, buckets=[4, 8], max_batch=8, max_wait_s=0.0)
+    b.start()
+    # The first job blocks the worker at the gate while the next three queue up.
+    futures = [b.submit([[1, 2, 3]])]
+    assert model.entered.wait(30)
+    futures += [b.submit([[1] * 6, [1, 2]]), b.submit([[5] * 3]), b.submit([[7] * 8])]
+    gate.set()
+    out = [f.result(timeout=30) for f in futures]
+    b.stop()
+    assert [o.shape for o in out] == [(1, 2), (2, 2), (1, 2), (1, 2)]
+    assert out[1][0].argmax() == 0 and out[1][1].argmax() == 0  # 6 and 2 tokens: even
+    assert out[2][0].argmax() == 1  # 3 tokens: odd
+    assert all(s[1] in (4, 8) for s in model.shapes)  # only bucket lengths reach the model
+    # The three queued jobs were batched together: one call per bucket, not per job.
+    assert sorted(model.shapes[1:]) == [(2, 4), (2, 8)]
+
+
+def test_batcher_refuses_when_the_queue_is_full():
+    gate = threading.Event()
+    model = RecordingModel(gate)
+    b = MicroBatcher(model, buckets=[4], max_batch=1, max_wait_s=0.0, queue_size=2)
+    b.start()
+    first = b.submit([[1]])
+    assert model.entered.wait(30)  # the worker holds job 1; the queue is empty
+    b.submit([[1]])
+    b.submit([[1]])
+    with pytest.raises(Overloaded):
+        b.submit([[1]])
+    gate.set()
+    assert first.result(timeout=30).shape == (1, 2)
+    b.stop()
+
+
+def test_a_failing_batch_fails_its_requests_not_the_worker():
+    calls = []
+
+    def model(ids, mask):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("boom")
+        return np.zeros((len(ids), 2), np.float32)
+
+    b = MicroBatcher(model, buckets=[4], max_batch=1, max_wait_s=0.0)
+    b.start()
+    with pytest.raises(ValueError):
+        b.submit([[1]]).result(timeout=30)
+    assert b.submit([[1]]).result(timeout=30).shape == (1, 2)
+    b.stop()
+
+
+def _fake_dir(tmp_path, tf_version="2.15.1"):
+    d = tmp_path / "m"
+    (d / "variables").mkdir(parents=True)
+    for f in ("saved_model.pb", "tokenizer.json"):
+        (d / f).write_text("x")
+    (d / "labels.json").write_text(json.dumps({"0": "negative", "1": "positive"}))
+    (d / "model_card.json").write_text(json.dumps({
+        "name": "sentiment", "version": 1, "max_input_tokens": 64,
+        "exported_with": {"tensorflow": tf_version}}))
+    return d
+
+
+def test_check_model_dir_refuses_missing_incomplete_corrupt_and_newer_tf(tmp_path):
+    with pytest.raises(ModelDirError, match="does not exist"):
+        check_model_dir(tmp_path / "nope", "2.15.1")
+    d = _fake_dir(tmp_path)
+    assert check_model_dir(d, "2.15.1").max_tokens == 64
+    assert check_model_dir(d, "2.16.0").name == "sentiment"  # older exports load forward
+    with pytest.raises(ModelDirError, match="exported by TensorFlow 2.15.1, newer than"):
+        check_model_dir(d, "2.9.3")
+    (d / "model_card.json").write_text("{not json")
+    with pytest.raises(ModelDirError, match="corrupt"):
+        check_model_dir(d, "2.15.1")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(ModelDirError, match="tokenizer.json is missing"):
+        check_model_dir(d, "2.15.1")
+
+
+def _serve(model_dir, tmp_path) -> subprocess.CompletedProcess:
+    env = {"TOKENMETER_MODEL_DIR": str(model_dir),
+           "TOKENMETER_LEDGER": str(tmp_path / "l.sqlite3"), "TOKENMETER_PORT": "1",
+           "PATH": str(ROOT / ".venv" / "bin") + ":/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "serving", "serve"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_newer_tf_export_and_a_corrupt_savedmodel(model_dir, tmp_path):
+    newer = tmp_path / "newer"
+    shutil.copytree(model_dir, newer)
+    card = json.loads((newer / "model_card.json").read_text())
+    card["exported_with"]["tensorflow"] = "99.1.0"
+    (newer / "model_card.json").write_text(json.dumps(card))
+    r = _serve(newer, tmp_path)
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "exported by TensorFlow 99.1.0" in errors[0]
+    assert "Traceback" not in r.stderr
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(model_dir, corrupt)
+    (corrupt / "saved_model.pb").write_bytes(b"not a protobuf")
+    r = _serve(corrupt, tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "cannot load the SavedModel" in errors[0]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("execution", ["eager", "graph", "xla"])
+def test_every_execution_mode_reproduces_the_exported_parity_batch(model_dir, execution):
+    import tensorflow as tf
+
+    from serving.runner import load_predict_fn
+
+    info = check_model_dir(model_dir, tf.__version__)
+    parity = np.load(model_dir / "parity_batch.npz")
+    predict = load_predict_fn(info, execution)
+    probs = predict(parity["input_ids"], parity["attention_mask"])
+    np.testing.assert_allclose(probs, parity["probabilities"], atol=1e-4)
+    b = MicroBatcher(predict, [32, 64], max_batch=4, max_wait_s=0.0)
+    b.start()
+    rows = [list(r[m == 1]) for r, m in zip(parity["input_ids"], parity["attention_mask"])]
+    out = np.concatenate([b.submit(rows[i: i + 3]).result(timeout=120) for i in range(0, 8, 3)])
+    b.stop()
+    # Padding to a bucket must not change the answer (the mask hides the padding).
+    np.testing.assert_allclose(out, parity["probabilities"], atol=1e-4)
+
+
+def test_serving_imports_no_training_code():
+    """The endpoint loads only the SavedModel and tokenizer file: no transformers, no TF at
+    import time (TF comes with the runner), no training modules."""
+    code = ("import sys, serving.app, serving.cli, serving.runner, serving.metering; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'tensorflow')"
+            " or m in ('pipeline.train', 'pipeline.modeling', 'pipeline.export')]; "
+            "print(','.join(bad))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == ""
