@@ -221,3 +221,9 @@ def container_repro(c, stage=""):
     _need_docker("container-repro")
     c.run(f"{COMPOSE} run --rm dev repro {stage}".rstrip(),
           env=_compose_env(_base_digest()), pty=False)
+
+
+@task(help={"dest": "work folder, rebuilt each run (default build/tf29)"})
+def tf29_check(c, dest=""):
+    """TF 2.9 parity without Docker: bullseye chroot, smoke pipeline, SavedModel, billed call."""
+    c.run(f"bash {DOCKER_DIR}/tf29_check.sh {dest}".rstrip(), pty=False)

@@ -113,6 +113,68 @@ class Tracking(BaseModel):
     experiment: str = "training"
 
 
+class Hardware(BaseModel):
+    """A machine to price the measured throughput on (prices are estimates, not billed money)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(..., min_length=1)
+    usd_per_hour: float = Field(..., gt=0)
+    measured: bool = Field(False, description="true = this machine: tokens/s come from this run")
+    assumed_tokens_per_s: Optional[float] = Field(
+        None, gt=0, description="for a machine not measured here; null = break-even figures only")
+
+    @model_validator(mode="after")
+    def _source(self) -> "Hardware":
+        if self.measured and self.assumed_tokens_per_s is not None:
+            raise ValueError("a measured machine takes no assumed_tokens_per_s")
+        return self
+
+
+class Benchmark(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    experiment: str = "token-cost"
+    seed: int = 0
+    texts: int = Field(2000, ge=1, description="texts sampled from the test split")
+    # Model-only ceiling: synthetic shapes per execution mode, then the sampled texts through
+    # the endpoint's batch policy at each batch size.
+    ceiling_modes: List[str] = Field(default_factory=lambda: ["eager", "graph", "xla"],
+                                     min_length=1)
+    ceiling_batch_sizes: List[int] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
+    ceiling_lengths: List[int] = Field(default_factory=lambda: [64, 128], min_length=1)
+    ceiling_seconds: float = Field(0.5, gt=0, description="timed calls per shape, after warm-up")
+    ceiling_texts: int = Field(512, ge=1, description="texts per batch-policy run")
+    # The endpoint under load (TOKENMETER_* settings of the measured servers).
+    execution: str = Field("graph", pattern="^(eager|graph|xla)$")
+    max_batch: int = Field(32, ge=1)
+    max_wait_ms: float = Field(2.0, ge=0)
+    concurrency: List[int] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
+    duration_s: float = Field(8.0, gt=0, description="per concurrency level")
+    max_requests: int = Field(20000, ge=1, description="per concurrency level")
+    warmup_requests: int = Field(400, ge=0, description="at the top concurrency, untimed")
+    request_timeout_s: float = Field(30.0, gt=0)
+    server_start_timeout_s: float = Field(180.0, gt=0)
+    naive: bool = Field(True, description="also measure the brief's naive Flask design")
+    metering_off: bool = Field(True, description="also measure the endpoint unmetered")
+    # Ledger capacity on its own: billed rows committed durably per second.
+    ledger_events: int = Field(3000, ge=1)
+    ledger_inflight: int = Field(64, ge=1)
+    ledger_seconds: float = Field(5.0, gt=0)
+    ledger_pg_dsn: Optional[str] = Field(
+        None, description="postgresql:// DSN; else TOKENMETER_TEST_PG_DSN; else not run")
+    hardware: List[Hardware] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _lists(self) -> "Benchmark":
+        if any(m not in ("eager", "graph", "xla") for m in self.ceiling_modes):
+            raise ValueError("ceiling_modes: each must be eager, graph or xla")
+        if any(v < 1 for v in [*self.concurrency, *self.ceiling_batch_sizes,
+                               *self.ceiling_lengths]):
+            raise ValueError("concurrency, batch sizes and lengths must be >= 1")
+        if sum(1 for h in self.hardware if h.measured) > 1:
+            raise ValueError("hardware: at most one entry can be `measured: true`")
+        return self
+
+
 SECTIONS = {
     "prepare": Prepare,
     "tokenizer": Tokenizer,
@@ -121,6 +183,7 @@ SECTIONS = {
     "export": Export,
     "validate": Validate,
     "tracking": Tracking,
+    "benchmark": Benchmark,
 }
 
 T = TypeVar("T", bound=BaseModel)

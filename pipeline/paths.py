@@ -35,3 +35,15 @@ def metrics_file(stage: str) -> Path:
 def model_dir(name: str, version: int) -> Path:
     """TF Serving layout: models/<name>/<numeric version>/saved_model.pb."""
     return MODELS_DIR / name / str(version)
+
+
+# The benchmark stage: raw outputs (per-request CSV, its ledger, server logs) and plots.
+BENCHMARK_DIR = Path("build/benchmark")
+BENCHMARK_REQUESTS = BENCHMARK_DIR / "requests.csv"
+BENCHMARK_LEDGER = BENCHMARK_DIR / "ledger.sqlite3"
+BENCHMARK_LOAD_CSV = METRICS_DIR / "benchmark_load.csv"
+BENCHMARK_COST_CSV = METRICS_DIR / "benchmark_cost.csv"
+
+
+def benchmark_plot(name: str) -> Path:
+    return PLOTS_DIR / f"benchmark_{name}.png"

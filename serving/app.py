@@ -182,6 +182,10 @@ def create_app(c: Components) -> FastAPI:
     info = c.runner.info
     metrics = Metrics(c.instance_id, info.name, info.version)
     limiter = RateLimiter()
+    unmetered = s.metering == "off"
+    if unmetered:
+        log.warning("metering is off: answers are not authenticated, limited or billed "
+                    "(benchmarks only)")
     c.runner.batcher.on_batch = lambda n: metrics.batch_size.observe(n)
 
     @asynccontextmanager
@@ -250,11 +254,12 @@ def create_app(c: Components) -> FastAPI:
                                                  "answer and is not billed again."}]})
     async def analyze(request: Request):
         t0 = time.perf_counter()
-        key = await _key(request)
+        # Unmetered (benchmarks only, see Settings.metering): no key, limits, budget or ledger.
+        key = None if unmetered else await _key(request)
         texts, truncate = parse_analyze(await _read_body(request, s.max_body_bytes),
                                         s.max_texts)
         idem = request.headers.get("idempotency-key")
-        if idem is not None:
+        if idem is not None and key is not None:
             if len(idem) > s.max_idempotency_key_len or not IDEMPOTENCY_RE.match(idem):
                 raise bad_request("invalid_idempotency_key",
                                   f"Idempotency-Key must be 1-{s.max_idempotency_key_len} "
@@ -269,13 +274,13 @@ def create_app(c: Components) -> FastAPI:
         except InputError as exc:
             raise ApiError(exc.status, "invalid_request_error", exc.code, exc.message) from None
         max_out = c.meter.max_output_tokens_per_text * len(texts)
-        refusal = limiter.admit(key.id, metered.input_tokens + max_out,
+        refusal = None if key is None else limiter.admit(key.id, metered.input_tokens + max_out,
                                 key.rpm or s.default_rpm, key.tpm or s.default_tpm)
         if refusal is not None:
             raise ApiError(429, "rate_limit_error", refusal.code, refusal.message,
                            {"Retry-After": str(refusal.retry_after_s)})
         ts = now_iso()
-        if key.has_budget:
+        if key is not None and key.has_budget:
             # Cheap refusal before using the model; the authoritative check is in the commit.
             worst = (pricing.cost(c.price, metered.input_tokens, max_out).total_micro,
                      metered.input_tokens + max_out)
@@ -304,6 +309,8 @@ def create_app(c: Components) -> FastAPI:
                      "total": pricing.micro_to_str(cost.total_micro)},
         }
         body_json = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+        if key is None:
+            return Response(body_json, media_type=JSON)
         latency_us = int((time.perf_counter() - t0) * 1e6)
         event = BillingEvent(
             id=event_id, ts=ts, key_id=key.id, user_id=key.user_id, model=info.name,

@@ -201,7 +201,8 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     print(f"serving {runner.info.name}/{runner.info.version} on http://{s.host}:{s.port} "
-          f"(ledger: {ledger.kind}, instance {instance})", file=sys.stderr)
+          f"(ledger: {ledger.kind}, instance {instance}, metering {s.metering})",
+          file=sys.stderr)
     # One worker: the model runner and the ledger writer are threads of this process.
     uvicorn.run(app, host=s.host, port=s.port, log_level=s.log_level, access_log=False)
     return 0

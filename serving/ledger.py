@@ -199,7 +199,7 @@ class Ledger:
     integrity_errors: Tuple[type, ...] = (sqlite3.IntegrityError,)
     kind = "sqlite"
 
-    def __init__(self, commit_wait_s: float = 0.001, commit_max_batch: int = 256):
+    def __init__(self, commit_wait_s: float = 0.0, commit_max_batch: int = 256):
         self.commit_wait_s, self.commit_max_batch = commit_wait_s, commit_max_batch
         self._local = threading.local()
         self._queue: "queue.Queue[Optional[_Pending]]" = queue.Queue()
@@ -543,7 +543,7 @@ class PostgresLedger(Ledger):
         self._exec(conn, "SELECT pg_advisory_xact_lock(727274)")
 
 
-def open_ledger(target: str, commit_wait_s: float = 0.001,
+def open_ledger(target: str, commit_wait_s: float = 0.0,
                 commit_max_batch: int = 256) -> Ledger:
     """A migrated ledger: `postgresql://...` (or `postgres://`) or a SQLite file path."""
     kw = dict(commit_wait_s=commit_wait_s, commit_max_batch=commit_max_batch)

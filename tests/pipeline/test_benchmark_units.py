@@ -1,0 +1,120 @@
+"""Fast checks of the benchmark's pure parts: the load generator against a tiny loopback server
+(bounded count, keep-alive and closed connections, errors counted), the batch-size histogram
+difference, and the cost arithmetic. No model, no TensorFlow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+
+from pipeline.benchmark import batch_distribution, cost_table
+from pipeline.loadgen import percentile, run_load, summarize
+from pipeline.params import Benchmark, Hardware
+from pipeline.servers import HOST, free_port
+
+
+class TinyServer:
+    """HTTP/1.1 on 127.0.0.1: every 5th request gets 500 and every 7th closes the connection."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.seen = 0
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._handle, HOST, self.port))
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _handle(self, reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int([ln.split(b":")[1] for ln in head.split(b"\r\n")
+                              if ln.lower().startswith(b"content-length")][0])
+                await reader.readexactly(length)
+                self.seen += 1
+                status = 500 if self.seen % 5 == 0 else 200
+                body = json.dumps({"usage": {"total_tokens": 10}}).encode()
+                close = self.seen % 7 == 0
+                writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n"
+                             f"{'Connection: close' if close else 'X-A: b'}\r\n\r\n".encode()
+                             + body)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    def __enter__(self):
+        self.thread.start()
+        self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_load_generator_is_bounded_and_counts_what_it_saw():
+    with TinyServer() as srv:
+        res = run_load(f"http://{HOST}:{srv.port}/v1/analyze", [b'{"text": "a"}'] * 3,
+                       [1] * 3, concurrency=4, duration_s=30, max_requests=50, timeout_s=5)
+    assert len(res.records) == 50 == srv.seen  # bounded by count, well before the time limit
+    s = summarize(res)
+    assert s["ok"] == 40 and s["errors"] == 10 and s["error_rate"] == pytest.approx(0.2)
+    assert s["tokens"] == 400 and s["mean_tokens_per_request"] == 10
+    assert s["tokens_per_s"] == pytest.approx(s["req_per_s"] * 10, rel=1e-3)
+
+
+def test_load_generator_records_connection_errors_instead_of_raising():
+    port = free_port()  # nothing listens there
+    res = run_load(f"http://{HOST}:{port}/", [b"{}"], [1], concurrency=2, duration_s=5,
+                   max_requests=4, timeout_s=2)
+    assert len(res.records) == 4 and all(r.status == 0 and r.error for r in res.records)
+    assert summarize(res)["error_rate"] == 1.0
+
+
+def test_percentile_matches_linear_interpolation():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([5], 99) == 5
+
+
+def test_batch_distribution_is_the_difference_between_two_scrapes():
+    before = {"1.0": 2, "2.0": 3, "4.0": 3, "+Inf": 3, "sum": 4, "count": 3}
+    after = {"1.0": 5, "2.0": 8, "4.0": 10, "+Inf": 10, "sum": 20, "count": 10}
+    d = batch_distribution(before, after)
+    assert d["calls_by_size"] == {"le_1": 3, "le_2": 2, "le_4": 2, "le_inf": 0}
+    assert d["model_calls"] == 7 and d["rows"] == 16 and d["mean_batch_size"] == round(16 / 7, 3)
+
+
+def test_cost_is_price_per_hour_over_tokens_per_hour():
+    hw = [Hardware(name="cpu", usd_per_hour=0.36, measured=True),
+          Hardware(name="gpu", usd_per_hour=3.6, assumed_tokens_per_s=10000),
+          Hardware(name="other", usd_per_hour=1.8)]
+    cpu, gpu, other = cost_table(hw, measured_tokens_per_s=100.0, revenue_per_1k=0.002)
+    assert cpu["cost_per_1k_usd"] == pytest.approx(0.36 / (100 * 3600) * 1000)  # $0.001
+    assert cpu["margin_per_1k_usd"] == pytest.approx(0.001)
+    assert cpu["break_even_utilisation"] == pytest.approx(0.5)
+    assert cpu["break_even_tokens_per_s"] == pytest.approx(50)
+    assert gpu["source"] == "assumed" and gpu["cost_per_1k_usd"] == pytest.approx(0.0001)
+    assert other["source"] == "not measured" and "cost_per_1k_usd" not in other
+
+
+def test_benchmark_params_refuse_bad_values():
+    with pytest.raises(ValueError, match="ceiling_modes"):
+        Benchmark(ceiling_modes=["turbo"])
+    with pytest.raises(ValueError, match="at most one"):
+        Benchmark(hardware=[Hardware(name="a", usd_per_hour=1, measured=True),
+                            Hardware(name="b", usd_per_hour=1, measured=True)])
+    with pytest.raises(ValueError, match="no assumed"):
+        Hardware(name="a", usd_per_hour=1, measured=True, assumed_tokens_per_s=5)
