@@ -47,6 +47,38 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class CountRequests:
+    """Counts every answer by route template and status, and times /v1/analyze.
+
+    Plain ASGI on purpose: as a `@app.middleware("http")` (BaseHTTPMiddleware) its task group
+    and streaming-response wrapper took ~20% of the event loop at concurrency 32 (py-spy).
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]  # what the client gets if the app raises before answering
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            # The router writes the matched route into this same scope dict.
+            path = getattr(scope.get("route"), "path", "other")  # bounded cardinality
+            self.metrics.requests.labels(path, str(status[0])).inc()
+            if path == "/v1/analyze":
+                self.metrics.latency.labels(str(status[0])).observe(time.perf_counter() - t0)
+
+
 def bad_request(code: str, message: str) -> ApiError:
     return ApiError(400, "invalid_request_error", code, message)
 
@@ -223,16 +255,7 @@ def create_app(c: Components) -> FastAPI:
         return _error_response(500, "server_error", "internal_error",
                                "internal error; the request was not billed")
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "other")  # route templates only: bounded cardinality
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        if path == "/v1/analyze":
-            metrics.latency.labels(str(response.status_code)).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
     async def _key(request: Request):
         try:
