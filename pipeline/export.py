@@ -29,6 +29,8 @@ from pipeline.model_dir import (
 from pipeline.params import PARAMS_FILE, Export, Train, load, read_yaml
 from pipeline.tokenizer import TOKENIZER_FILES
 
+CARD_PARAMS = ("prepare", "tokenizer", "train", "export")
+
 
 def make_serving_module(model):
     import tensorflow as tf
@@ -73,7 +75,9 @@ def export(out_dir: Path, e: Export, max_length: int) -> dict:
     np.savez(tmp / PARITY_FILE, input_ids=input_ids, attention_mask=mask,
              probabilities=keras_probs.astype(np.float32))
 
-    params = read_yaml(PARAMS_FILE)
+    # Only the sections that shape the model: the card must change exactly when they do
+    # (dvc.yaml lists the same sections as this stage's params).
+    params = {k: v for k, v in read_yaml(PARAMS_FILE).items() if k in CARD_PARAMS}
     card = {
         "name": e.name, "version": e.version,
         "task": "text classification (sentiment)",
