@@ -35,8 +35,9 @@ def rows() -> list:
 
 
 def main() -> None:
-    width = max(len(k) for k, _ in rows())
-    for key, value in rows():
+    table = rows()
+    width = max(len(k) for k, _ in table)
+    for key, value in table:
         print(f"{key:<{width}}  {value}")
 
 

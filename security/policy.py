@@ -97,14 +97,18 @@ def _date(value: Any, where: str) -> dt.date:
             from None
 
 
+def _reject_unknown(data: dict, allowed, where: str) -> None:
+    unknown = set(data) - set(allowed)
+    if unknown:
+        raise PolicyError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: "
+                          f"{sorted(allowed)}")
+
+
 def _entry(raw: Any, index: int, source: str) -> IgnoreEntry:
     where = f"{source}: ignore[{index}]"
     if not isinstance(raw, dict):
         raise PolicyError(f"{where}: each entry is a mapping with id, reason, expires")
-    unknown = set(raw) - ENTRY_KEYS
-    if unknown:
-        raise PolicyError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: "
-                          f"{sorted(ENTRY_KEYS)}")
+    _reject_unknown(raw, ENTRY_KEYS, where)
     for key in ("id", "reason", "expires"):
         if not str(raw.get(key) or "").strip():
             raise PolicyError(f"{where}: '{key}' is required (every ignore needs a rule id, "
@@ -120,10 +124,7 @@ def _entry(raw: Any, index: int, source: str) -> IgnoreEntry:
 def parse(data: Any, source: str = "<policy>") -> Policy:
     if not isinstance(data, dict):
         raise PolicyError(f"{source}: expected a mapping with {sorted(TOP_KEYS)}")
-    unknown = set(data) - TOP_KEYS
-    if unknown:
-        raise PolicyError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: "
-                          f"{sorted(TOP_KEYS)}")
+    _reject_unknown(data, TOP_KEYS, source)
     if "fail_on" not in data:
         raise PolicyError(f"{source}: 'fail_on' is required (the severity that fails the scan)")
     by_scanner = data.get("fail_on_by_scanner") or {}

@@ -371,19 +371,21 @@ class Ledger:
         def cap(v: Optional[int]) -> int:
             return NO_LIMIT if v is None else v
 
+        def spend(ensure: str, update: str, owner: str, budget_micro: Optional[int],
+                  budget_tokens: Optional[int]) -> bool:
+            """Add this event to one spend row unless that would pass its budget."""
+            self._exec(conn, ensure, (owner, period))
+            return self._exec(conn, update, (
+                e.cost_micro, tokens, owner, period, e.cost_micro, cap(budget_micro),
+                tokens, cap(budget_tokens))).rowcount == 1
+
         # User row before key row, groups sorted by (user, key): every transaction takes the
         # row locks in one global order, so two PostgreSQL writers cannot deadlock.
-        self._exec(conn, ENSURE_USER_SPEND, (e.user_id, period))
-        moved = self._exec(conn, USER_SPEND, (
-            e.cost_micro, tokens, e.user_id, period, e.cost_micro,
-            cap(p.key.user_budget_micro_usd), tokens, cap(p.key.user_budget_tokens))).rowcount
-        if moved != 1:
+        if not spend(ENSURE_USER_SPEND, USER_SPEND, e.user_id, p.key.user_budget_micro_usd,
+                     p.key.user_budget_tokens):
             return CommitResult("insufficient_quota")
-        self._exec(conn, ENSURE_SPEND, (e.key_id, period))
-        moved = self._exec(conn, SPEND, (
-            e.cost_micro, tokens, e.key_id, period, e.cost_micro,
-            cap(p.key.budget_micro_usd), tokens, cap(p.key.budget_tokens))).rowcount
-        if moved != 1:
+        if not spend(ENSURE_SPEND, SPEND, e.key_id, p.key.budget_micro_usd,
+                     p.key.budget_tokens):
             return CommitResult("insufficient_quota")
         self._exec(conn, INSERT_EVENT, e.columns())
         return CommitResult("billed")
