@@ -93,63 +93,60 @@ def clean(c):
         shutil.rmtree(ROOT / d, ignore_errors=True)
 
 
-# --- Container (docker/): the TF 2.9 GPU image. Each task that needs Docker says so in one
-# line when there is no engine. Imports are local so this block stays self-contained.
+# --- Container (docker/): the TF 2.9 image, built and run with Docker or podman (the
+# `image` package finds the engine and its flags). Each task that needs an engine says so in
+# one line when none runs. Imports are local so this block stays self-contained.
 
 DOCKER_DIR = ROOT / "docker"
-COMPOSE = f"docker compose -f {DOCKER_DIR}/compose.yaml"
-IMAGE = "tokenmeter:latest"
-BASE_TAG = "2.9.3-gpu-jupyter"  # keep equal to ARG BASE_TAG in docker/Dockerfile
+BASE_TAG = "2.9.3-gpu-jupyter"  # keep equal to ARG TF_TAG in docker/base/official.Dockerfile
 
 
-def _need_docker(what: str) -> None:
-    """Stop with one line (no traceback) when the docker CLI or its engine is missing."""
-    import subprocess
+def _engine(what: str):
+    """The engine that runs here, or stop with one line (no traceback)."""
+    from invoke.exceptions import Exit
+
+    from image.engine import EngineError, detect
+
+    try:
+        return detect()
+    except EngineError as exc:
+        raise Exit(f"error: `invoke {what}` needs a container engine: {exc}", code=2) from None
+
+
+def _compose(what: str, gpu: bool = False) -> str:
+    """The compose command for the engine that runs here, with its flags and our files."""
+    import shlex
 
     from invoke.exceptions import Exit
 
-    if shutil.which("docker") is None:
-        raise Exit(f"error: `invoke {what}` needs Docker: no `docker` command on PATH "
-                   f"(install Docker Engine + the NVIDIA container toolkit)", code=2)
-    info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
-                          capture_output=True, text=True, timeout=60)
-    if info.returncode != 0:
-        why = (info.stderr.strip().splitlines() or ["no answer"])[-1]
-        raise Exit(f"error: `invoke {what}` needs a running Docker engine ({why})", code=2)
+    from image.engine import EngineError
+
+    files = ["-f", f"{DOCKER_DIR}/compose.yaml"]
+    if gpu:
+        files += ["-f", f"{DOCKER_DIR}/compose.gpu.yaml"]
+    try:
+        return shlex.join(_engine(what).compose_cmd(*files))
+    except EngineError as exc:
+        raise Exit(f"error: `invoke {what}`: {exc}", code=2) from None
 
 
-def _base_digest() -> str:
-    """The pinned digest from docker/base-image.digest, or stop saying how to pin it."""
-    import re
-
-    from invoke.exceptions import Exit
-
-    lines = [ln.strip() for ln in (DOCKER_DIR / "base-image.digest").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
-    if len(lines) != 1 or not re.fullmatch(r"sha256:[0-9a-f]{64}", lines[0]):
-        raise Exit("error: docker/base-image.digest holds no digest yet; run `invoke pin-base` "
-                   "where Docker Hub is reachable", code=2)
-    return lines[0]
-
-
-def _compose_env(digest: str = "", token: str = "") -> dict:
+def _compose_env(token: str = "") -> dict:
     import os
     import secrets
 
-    # compose.yaml requires both variables; a task that does not start Jupyter gets a
+    # compose.yaml requires JUPYTER_TOKEN; a task that does not start Jupyter gets a
     # throw-away token (it is never shown, nothing listens with it).
-    return {"TOKENMETER_BASE_DIGEST": digest or "sha256:" + "0" * 64,
-            "JUPYTER_TOKEN": token or os.environ.get("JUPYTER_TOKEN")
-            or secrets.token_hex(24)}
+    return {"JUPYTER_TOKEN": token or os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)}
 
 
 @task
 def pin_base(c):
-    """Pin the base image: pull it and record its digest in docker/base-image.digest."""
-    _need_docker("pin-base")
-    ref = f"tensorflow/tensorflow:{BASE_TAG}"
-    c.run(f"docker pull {ref}", pty=False)
-    out = c.run(f"docker image inspect --format '{{{{index .RepoDigests 0}}}}' {ref}",
+    """Pin the official base: pull it and record its digest in docker/base-image.digest."""
+    eng = _engine("pin-base")
+    ref = f"docker.io/tensorflow/tensorflow:{BASE_TAG}"
+    c.run(" ".join(eng.cmd("pull", ref)), pty=False)
+    out = c.run(" ".join(eng.cmd("image", "inspect", "--format",
+                                 "'{{index .RepoDigests 0}}'", ref)),
                 hide=True, pty=False).stdout.strip()
     digest = out.split("@", 1)[1]
     path = DOCKER_DIR / "base-image.digest"
@@ -158,42 +155,38 @@ def pin_base(c):
     print(f"{ref} -> {digest} (docker/base-image.digest)")
 
 
-@task
-def lock_image(c):
-    """Regenerate docker/requirements.lock (hashes, CPython 3.8, manylinux) from its .in."""
-    c.run(f"uv pip compile {DOCKER_DIR}/requirements.in --python-version 3.8 "
-          "--python-platform x86_64-manylinux_2_17 --generate-hashes --no-header "
-          f"-o {DOCKER_DIR}/requirements.lock", pty=False)
+@task(help={"debian": "also rewrite docker/base/debian-packages.lock (root, debootstrap)"})
+def lock_image(c, debian=False):
+    """Regenerate the image locks: one per base (Python 3.8 official, 3.9 debian), hashes."""
+    _run(c, "python -m image.locks")
+    if debian:
+        _run(c, "python -m image lock-debian")
 
 
-@task(help={"tag": f"image name (default {IMAGE})"})
-def build(c, tag=IMAGE):
-    """Build the TF 2.9 GPU image from docker/Dockerfile (base pinned by digest)."""
-    import datetime
-
-    _need_docker("build")
-    digest = _base_digest()
-    rev = c.run("git rev-parse HEAD", hide=True, warn=True, pty=False).stdout.strip()
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    # BuildKit: the Dockerfile uses COPY --chmod.
-    c.run(f"docker build -f {DOCKER_DIR}/Dockerfile --build-arg BASE_DIGEST={digest} "
-          f"--build-arg VCS_REF={rev or 'unknown'} --build-arg BUILD_DATE={now} "
-          f"-t {tag} {ROOT}", env={"DOCKER_BUILDKIT": "1"}, pty=False)
+@task(help={"base": "official (Docker Hub's TF 2.9.3 GPU image) or debian (made here)",
+            "gpu": "debian base with the CUDA 11 / cuDNN 8 wheels (official is always GPU)",
+            "tag": "image name (default tokenmeter:<variant>; tokenmeter:latest too)",
+            "fresh": "no layer cache, new root filesystem (what CI does)"})
+def build(c, base="debian", gpu=False, tag="", fresh=False):
+    """Build the image: base + the project layer (Docker or podman, whichever runs)."""
+    args = f"--base {base}" + (" --gpu" if gpu else "") + (f" --tag {tag}" if tag else "") \
+        + (" --fresh" if fresh else "")
+    _run(c, f"python -m image build {args}")
 
 
 @task(help={"services": "space-separated compose services (default: dev)",
-            "key": "public key to authorise for SSH (default ~/.ssh/id_ed25519.pub)"})
-def up(c, services="dev", key=""):
+            "key": "public key to authorise for SSH (default ~/.ssh/id_ed25519.pub)",
+            "gpu": "reserve the host's NVIDIA GPUs (docker/compose.gpu.yaml)"})
+def up(c, services="dev", key="", gpu=False):
     """Start the container(s): dev = Jupyter on 127.0.0.1:8888 + SSH on 127.0.0.1:2222."""
     import os
     import secrets
 
-    _need_docker("up")
     token = os.environ.get("JUPYTER_TOKEN") or secrets.token_hex(24)
-    env = _compose_env(_base_digest(), token)
+    env = _compose_env(token)
     if key:
         env["SSH_PUBLIC_KEY_FILE"] = str(Path(key).expanduser())
-    c.run(f"{COMPOSE} up -d {services}", env=env, pty=False)
+    c.run(f"{_compose('up', gpu)} up -d {services}", env=env, pty=False)
     if "dev" in services.split() and not os.environ.get("JUPYTER_TOKEN"):
         print(f"Jupyter: http://127.0.0.1:8888/lab?token={token}  (shown once; set "
               f"JUPYTER_TOKEN to choose it)")
@@ -203,27 +196,19 @@ def up(c, services="dev", key=""):
                        "host keys)"})
 def down(c, volumes=False):
     """Stop and remove the containers (volumes are kept unless --volumes)."""
-    _need_docker("down")
-    c.run(f"{COMPOSE} down{' --volumes' if volumes else ''}", env=_compose_env(), pty=False)
+    c.run(f"{_compose('down')} down{' --volumes' if volumes else ''}", env=_compose_env(),
+          pty=False)
 
 
 @task(help={"port": "published SSH port (default 2222)", "key": "private key to use"})
 def ssh(c, port=2222, key=""):
     """Open a shell in the running dev container over SSH (key-only, user tokenmeter)."""
-    _need_docker("ssh")
     ident = f"-i {key} " if key else ""
     c.run(f"ssh -p {int(port)} {ident}tokenmeter@127.0.0.1", pty=True)
 
 
-@task(help={"stage": "run only up to this stage"})
-def container_repro(c, stage=""):
-    """`dvc repro` inside a one-off dev container (GPU, shared volumes)."""
-    _need_docker("container-repro")
-    c.run(f"{COMPOSE} run --rm dev repro {stage}".rstrip(),
-          env=_compose_env(_base_digest()), pty=False)
-
-
-@task(help={"dest": "work folder, rebuilt each run (default build/tf29)"})
-def tf29_check(c, dest=""):
-    """TF 2.9 parity without Docker: bullseye chroot, smoke pipeline, SavedModel, billed call."""
-    c.run(f"bash {DOCKER_DIR}/tf29_check.sh {dest}".rstrip(), pty=False)
+@task(help={"stage": "run only up to this stage", "gpu": "reserve the host's NVIDIA GPUs"})
+def container_repro(c, stage="", gpu=False):
+    """`dvc repro` of this checkout inside a one-off dev container (shared volumes)."""
+    c.run(f"{_compose('container-repro', gpu)} run --rm dev repro {stage}".rstrip(),
+          env=_compose_env(), pty=False)

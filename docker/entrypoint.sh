@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Entrypoint of the tokenmeter image (tini is PID 1 and runs this). Modes:
 #   dev          sshd (key-only) + Jupyter; stops both when either stops
-#   repro [ARGS] dvc repro in the workspace
-#   serve [ARGS] the metered endpoint (python3 -m serving serve) on 0.0.0.0
+#   repro [ARGS] dvc repro in the workspace ($TOKENMETER_PROFILE, e.g. smoke, applies a params
+#                profile to the image's own copy); its output is also kept in logs/
+#   serve [ARGS] the metered endpoint (python3 -m serving serve) on 0.0.0.0, ledger in ledger/
 #   check        the image check with a GPU required (docker/check_image.py --gpu)
 #   anything else is run as given (bash, python3 -m pytest, ...)
 # Every path is an overridable variable so that tests run the modes outside a container.
@@ -16,6 +17,8 @@ KEYS_FILE="${SSH_AUTHORIZED_KEYS_FILE:-/run/secrets/authorized_keys}"
 MIN_TOKEN_CHARS=16
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 export TOKENMETER_WORKSPACE="$WORKSPACE"
+# The ledger volume, unless a PostgreSQL DSN or another path is given.
+export TOKENMETER_LEDGER="${TOKENMETER_LEDGER:-$WORKSPACE/ledger/ledger.sqlite3}"
 
 die() { echo "error: $*" >&2; exit 2; }
 log() { echo "entrypoint: $*" >&2; }
@@ -83,13 +86,30 @@ run_dev() {
   fi
   jupyter lab --config="$CONFIG_DIR/jupyter_server_config.py" &
   pids+=("$!")
-  trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
+  local stopping=0
+  trap 'stopping=1; kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
   # Whichever stops first (or a signal) stops the other: a half-working dev container
   # should restart, not linger.
   wait -n || status=$?  # bash 5.0 (Ubuntu 20.04): no pid list after -n; only our jobs run
   kill -TERM "${pids[@]}" 2>/dev/null || true
   wait "${pids[@]}" 2>/dev/null || true
+  # Asked to stop (docker stop, Ctrl-C): a clean exit, not the signal's 143.
+  [ "$stopping" = 1 ] && status=0
   log "dev stopped (status $status)"
+  exit "$status"
+}
+
+run_serve() {
+  python3 -m serving serve --host "${TOKENMETER_HOST:-0.0.0.0}" "$@" &
+  local child=$! status=0 stopping=0
+  trap 'stopping=1; kill -TERM "$child" 2>/dev/null || true' TERM INT
+  wait "$child" || status=$?
+  # The trap ends the first wait at once; the second waits for the drain to finish.
+  if [ "$stopping" = 1 ]; then status=0; wait "$child" || status=$?; fi
+  # uvicorn drains in-flight requests, then re-raises SIGTERM to die by it (143). Asked to
+  # stop, that is a clean exit: docker stop / Kubernetes see 0, not a crash.
+  if [ "$stopping" = 1 ] && [ "$status" = 143 ]; then status=0; fi
+  log "serve stopped (status $status)"
   exit "$status"
 }
 
@@ -102,12 +122,21 @@ case "$mode" in
   repro)
     write_mode repro
     cd "$WORKSPACE"
-    exec dvc repro "$@"
+    if [ -n "${TOKENMETER_PROFILE:-}" ]; then
+      # A mounted checkout is the user's own params.yaml: never rewrite it.
+      [ -e .git ] && die "TOKENMETER_PROFILE rewrites params.yaml, and $WORKSPACE is a mounted checkout; run the profile there with \`invoke smoke\` instead"
+      python3 -m pipeline.workspace --profile "$TOKENMETER_PROFILE" --in-place . >/dev/null
+      log "params.yaml: profile $TOKENMETER_PROFILE applied"
+    fi
+    mkdir -p logs
+    repro_log="logs/repro-$(date -u +%Y%m%dT%H%M%SZ).log"
+    log "dvc repro $*; output also in $repro_log"
+    dvc repro "$@" 2>&1 | tee "$repro_log"
     ;;
   serve)
     write_mode serve
     cd "$WORKSPACE"
-    exec python3 -m serving serve --host "${TOKENMETER_HOST:-0.0.0.0}" "$@"
+    run_serve "$@"
     ;;
   check)
     exec python3 "$CONFIG_DIR/check_image.py" --gpu "$@"

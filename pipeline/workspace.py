@@ -71,12 +71,30 @@ def create(dst: Path, profile: Optional[str] = None, src: Path = ROOT,
     return dst
 
 
+def apply_profile(ws: Path, profile: str) -> Path:
+    """Rewrite `ws`/params.yaml as the defaults merged with the profile (the container's
+    own workspace copy uses this; a checkout should use `create` instead)."""
+    params = profile_params(profile, ws)
+    target = Path(ws) / "params.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    tmp.replace(target)
+    return target
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dest", type=Path)
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--in-place", action="store_true",
+                    help="apply the profile to DEST/params.yaml instead of making a copy")
     args = ap.parse_args()
-    print(create(args.dest, args.profile))
+    if args.in_place:
+        if not args.profile:
+            raise SystemExit("error: --in-place needs --profile NAME")
+        print(apply_profile(args.dest, args.profile))
+    else:
+        print(create(args.dest, args.profile))
 
 
 if __name__ == "__main__":

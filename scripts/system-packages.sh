@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests drive for real (sshd and its client, nss_wrapper for
-# test users, debootstrap for the TF 2.9 check) when some are missing and we may (root +
-# apt-get). Never fails the caller: tests that need a missing one skip, naming it.
+# test users; podman, buildah, runc, podman-compose and debootstrap to build and run the
+# image) when some are missing and we may (root + apt-get). Never fails the caller: tests
+# that need a missing one skip, naming it.
 set -uo pipefail
-want=(openssh-server openssh-client libnss-wrapper debootstrap)
+want=(openssh-server openssh-client libnss-wrapper debootstrap podman buildah runc podman-compose)
 missing=()
 for p in "${want[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -104,3 +104,40 @@ def spawn(tmp_path):
     yield _spawn
     for proc in procs:
         stop_group(proc)
+
+
+# --- The built image (tests marked `container`; tests/conftest.py skips them, naming what is
+# missing, where no engine runs or we are not root).
+
+@pytest.fixture(scope="session")
+def engine():
+    from image.engine import detect
+
+    return detect()
+
+
+@pytest.fixture(scope="session")
+def image_ref(engine) -> str:
+    """The debian-based CPU image, built from nothing with `invoke build --base debian --fresh`
+    (no layer cache, a new root filesystem), as CI does; TOKENMETER_TEST_IMAGE=REF reuses an
+    image built before (e.g. while working on the tests)."""
+    ref = os.environ.get("TOKENMETER_TEST_IMAGE")
+    if ref:
+        return ref
+    ref = "localhost/tokenmeter-test:debian-cpu"
+    invoke = str(Path(sys.executable).parent / "invoke")
+    result = subprocess.run([invoke, "build", "--base", "debian", "--fresh", "--tag", ref],
+                            cwd=ROOT, capture_output=True, text=True, timeout=2400)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert f"built {ref} with {engine.name}" in result.stdout, result.stdout[-2000:]
+    print(result.stdout.strip().splitlines()[-1])
+    return ref
+
+
+@pytest.fixture(scope="module")
+def containers(engine, image_ref):
+    from tests.container.live import Containers
+
+    made = Containers(engine, image_ref)
+    yield made
+    made.cleanup()
