@@ -48,7 +48,7 @@ def test(c, args=""):
 @task
 def lint(c):
     """ruff on the code."""
-    _run(c, "ruff check pipeline serving security tests tasks.py")
+    _run(c, "ruff check pipeline serving security image tests tasks.py")
 
 
 @task(help={"only": "comma-separated checks (default all; `python -m security -h` lists them)",

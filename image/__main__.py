@@ -19,12 +19,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m image", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build a base and the project layer on it")
-    b.add_argument("--base", choices=image_build.BASES, default="debian")
+    b.add_argument("--base", default="debian", help="official or debian (default)")
     b.add_argument("--gpu", action="store_true",
                    help="debian base with TF 2.9.3 + CUDA 11 / cuDNN 8 wheels (the official "
                         "base is always the GPU image)")
-    b.add_argument("--tag", default="", help="image name (default tokenmeter:<variant>; "
-                                             "tokenmeter:latest is tagged too)")
+    b.add_argument("--tag", default="", help="image name (default tokenmeter:<variant>, "
+                                             "then also tagged tokenmeter:latest)")
     b.add_argument("--fresh", action="store_true",
                    help="no layer cache and a new root filesystem (what CI does)")
     b.add_argument("--engine", choices=("docker", "podman"), default="",
@@ -34,6 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":
+            image_build.variant(args.base, args.gpu)  # a wrong --base fails before any engine
             engine = detect(args.engine)
             res = image_build.build(args.base, args.gpu, args.tag, args.fresh, engine)
             total = sum(res.seconds.values())

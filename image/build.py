@@ -123,6 +123,9 @@ def build(base: str = "debian", gpu: bool = False, tag: str = "", fresh: bool = 
     """Build base and layer. `fresh`: no layer cache and a new root filesystem."""
     v = variant(base, gpu)
     eng = engine or detect()
+    # tokenmeter:latest (what compose runs) follows default builds only: an explicit --tag
+    # (a test's image, say) leaves the user's latest alone.
+    tag_latest = not tag
     tag = tag or v.default_tag
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     log = WORK_DIR / f"{v.name}.log"
@@ -159,7 +162,7 @@ def build(base: str = "debian", gpu: bool = False, tag: str = "", fresh: bool = 
         *common, "--build-arg", f"BASE={v.base_ref}", "--build-arg", f"VCS_REF={rev}",
         "--build-arg", f"BUILD_DATE={now}", "-f", str(LAYER_DOCKERFILE), "-t", tag,
         str(ROOT)), log, say, result.seconds, env, "locked packages, build-time check")
-    if tag != LATEST:
+    if tag_latest:
         subprocess.run(eng.cmd("tag", tag, LATEST), check=True, capture_output=True)
     result.size_bytes = image_size(eng, tag)
     return result

@@ -29,22 +29,25 @@ class Check:
 
 CHECKS: List[Check] = [
     Check("trivy-config", "trivy", lambda t, _: scan_trivy.config(t),
-          about="IaC misconfigurations: docker/ and any Compose/Kubernetes/Helm/Terraform"),
+          about="IaC misconfigurations: docker/Dockerfile, docker/base/*.Dockerfile and any "
+                "Kubernetes/Helm/Terraform"),
     Check("trivy-secret", "trivy", lambda t, _: scan_trivy.secrets(t),
           about="secrets in the repository's files"),
     Check("trivy-image", "trivy", lambda t, _: scan_trivy.image(t),
-          about="vulnerabilities and secrets in the built image (needs engine + DB)"),
+          about="vulnerabilities and secrets in the built image (needs an engine + trivy DB)"),
+    Check("trivy-rootfs", "trivy", lambda t, _: scan_trivy.rootfs(t),
+          about="secrets and misconfigurations in the built image's files (needs an engine)"),
     Check("hadolint", "hadolint", lambda t, _: scan_hadolint.run(t),
-          about="Dockerfile lint"),
+          about="Dockerfile lint: docker/Dockerfile and docker/base/*.Dockerfile"),
     Check("pip-audit-host", "pip-audit", lambda t, _: scan_pip_audit.host(t), online=True,
           about="known vulnerabilities in requirements.lock"),
     Check("pip-audit-image", "pip-audit", lambda t, _: scan_pip_audit.image(t), online=True,
-          about="known vulnerabilities in docker/requirements.lock"),
+          about="known vulnerabilities in each docker/locks/*.lock"),
     Check("bandit", "bandit", lambda t, _: scan_bandit.run(t),
           about="security lint of our Python code"),
     Check("sbom-host", "cyclonedx-py", sbom.host, about="CycloneDX SBOM of requirements.lock"),
     Check("sbom-image", "cyclonedx-py", sbom.image,
-          about="CycloneDX SBOM of docker/requirements.lock"),
+          about="CycloneDX SBOM of each docker/locks/*.lock"),
 ]
 NAMES = [c.name for c in CHECKS]
 

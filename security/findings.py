@@ -7,7 +7,8 @@ Must not run scanners or judge findings against the policy (policy.py does that)
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 # Severities in increasing order; UNKNOWN is ranked by the policy (`unknown_severity`),
 # because a vulnerability nobody rated is not known to be harmless.
@@ -86,3 +87,37 @@ def not_run(check: str, scanner: str, reason: str, checked: str = "") -> CheckRe
 def error(check: str, scanner: str, reason: str, checked: str = "") -> CheckResult:
     return CheckResult(check=check, scanner=scanner, status=ERROR, reason=reason,
                        checked=checked)
+
+
+def combine(check: str, scanner: str, parts: List[CheckResult]) -> CheckResult:
+    """One result for a check that ran once per target (one lock each): every finding and
+    artifact kept, `checked` and reasons joined. Broke anywhere: error. Nothing ran: not run.
+    Some targets not checked: partial, naming them. Never better than its worst part."""
+    findings = [f for r in parts for f in r.findings]
+    artifacts = [a for r in parts for a in r.artifacts]
+    # What was looked at: the parts that ran (the others are named in the reason).
+    looked = [r for r in parts if r.ran] or parts
+    checked = "; ".join(r.checked for r in looked if r.checked)
+    gaps = [r for r in parts if r.status != RAN]
+    reason = "; ".join(r.reason for r in gaps if r.reason)
+    if any(r.status == ERROR for r in parts):
+        status = ERROR
+    elif not any(r.ran for r in parts):
+        status = NOT_RUN
+    elif gaps:
+        status = PARTIAL
+    else:
+        status = RAN
+    return CheckResult(check=check, scanner=scanner, status=status, checked=checked,
+                       reason=reason, findings=findings, artifacts=artifacts)
+
+
+def per_lock(check: str, scanner: str, locks: Sequence[Path], pattern: str,
+             run_one: Callable[[Path], CheckResult], need_binary: Callable[[], object]
+             ) -> CheckResult:
+    """`run_one` on each lock, combined; "not run" naming `pattern` when there is none (a
+    missing binary, `need_binary`, is still an error then)."""
+    if not locks:
+        need_binary()
+        return not_run(check, scanner, f"{pattern} does not exist yet", checked=pattern)
+    return combine(check, scanner, [run_one(lock) for lock in locks])

@@ -1,4 +1,4 @@
-"""CycloneDX SBOMs of the host and image locks, written by cyclonedx-py (subprocess).
+"""CycloneDX SBOMs of the host lock and of each image lock, written by cyclonedx-py (subprocess).
 
 An SBOM is an inventory, not a verdict: it has no findings, and a missing lock is "not run".
 Must not resolve or download packages: the lock is the whole truth.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from security.findings import RAN, CheckResult, error, not_run
+from security.findings import RAN, CheckResult, error, not_run, per_lock
 from security.targets import Targets
 from security.tools import find_binary, run_tool
 
@@ -48,4 +48,8 @@ def host(targets: Targets, out_dir: Path) -> CheckResult:
 
 
 def image(targets: Targets, out_dir: Path) -> CheckResult:
-    return write_sbom(targets, targets.image_lock, out_dir, "sbom-image", "image")
+    """One SBOM per docker/locks/*.lock: sbom-image-<lock name>.cdx.json (official, debian)."""
+    check = "sbom-image"
+    return per_lock(check, SCANNER, targets.image_locks(), targets.image_locks_pattern(),
+                    lambda lock: write_sbom(targets, lock, out_dir, check, f"image-{lock.stem}"),
+                    lambda: find_binary("cyclonedx-py"))

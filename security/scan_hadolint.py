@@ -1,4 +1,5 @@
-"""hadolint by subprocess on the image's Dockerfile, parsed into Findings.
+"""hadolint by subprocess on the image's Dockerfiles (the project layer and each base), parsed
+into Findings.
 
 Runs with an empty config and inline ignore pragmas disabled, so only policy.yaml can
 suppress a rule. Must not judge findings (policy.py does).
@@ -23,28 +24,37 @@ LEVELS = {"error": "HIGH", "warning": "MEDIUM", "info": "LOW", "style": "LOW"}
 
 
 def run(targets: Targets) -> CheckResult:
+    """docker/Dockerfile and docker/base/*.Dockerfile in one hadolint call; "not run" only
+    when none of them exists."""
     binary = find_binary("hadolint")
-    dockerfile = targets.dockerfile
-    rel = targets.rel(dockerfile)
-    if not dockerfile.is_file():
+    dockerfiles = targets.dockerfiles()
+    if not dockerfiles:
+        rel = targets.rel(targets.dockerfile)
         return not_run(CHECK, SCANNER, f"{rel} does not exist yet", checked=rel)
+    # hadolint names each finding's file as it was given: absolute, resolved paths.
+    rels = {str(p.resolve()): targets.rel(p) for p in dockerfiles}
+    checked = ", ".join(rels.values())
     with tempfile.TemporaryDirectory(prefix="hadolint-") as tmp:
         # An explicit empty config: a .hadolint.yaml in the tree or in $HOME is not read.
         cfg = Path(tmp) / "hadolint.yaml"
         cfg.write_text("{}\n", encoding="utf-8")
         proc = run_tool([binary, "--config", str(cfg), "--format", "json", "--no-fail",
-                         "--no-color", "--disable-ignore-pragma", str(dockerfile)],
+                         "--no-color", "--disable-ignore-pragma", *rels],
                         timeout=TIMEOUT_S, cwd=Path(tmp))
     if proc.timed_out or proc.returncode != 0:
-        return error(CHECK, SCANNER, f"hadolint failed on {rel}: "
-                                     f"{proc.stderr_tail(1) or 'timed out'}", checked=rel)
+        return error(CHECK, SCANNER, f"hadolint failed on {checked}: "
+                                     f"{proc.stderr_tail(1) or 'timed out'}", checked=checked)
     try:
         items = json.loads(proc.stdout or "[]")
     except json.JSONDecodeError as exc:
-        return error(CHECK, SCANNER, f"hadolint printed no JSON ({exc})", checked=rel)
-    findings = [Finding(scanner=SCANNER, check=CHECK, target=rel, rule_id=str(i.get("code")),
-                        severity=LEVELS.get(str(i.get("level")), "LOW"), path=rel,
-                        line=i.get("line") or None, message=str(i.get("message", "")))
-                for i in items]
-    return CheckResult(check=CHECK, scanner=SCANNER, status=RAN, checked=rel,
+        return error(CHECK, SCANNER, f"hadolint printed no JSON ({exc})", checked=checked)
+    findings = []
+    for i in items:
+        file = str(i.get("file", ""))
+        rel = rels.get(file) or targets.rel(Path(file))
+        findings.append(Finding(scanner=SCANNER, check=CHECK, target=rel,
+                                rule_id=str(i.get("code")),
+                                severity=LEVELS.get(str(i.get("level")), "LOW"), path=rel,
+                                line=i.get("line") or None, message=str(i.get("message", ""))))
+    return CheckResult(check=CHECK, scanner=SCANNER, status=RAN, checked=checked,
                        findings=findings)

@@ -1,4 +1,4 @@
-"""pip-audit by subprocess on the host and image locks, judged by what it really audited.
+"""pip-audit by subprocess on the host lock and each image lock, judged by what it really audited.
 
 pip-audit prints "No known vulnerabilities found" and exits 0 even when it skipped every
 dependency (no vulnerability service reachable): we count the skips in its JSON, and a lock
@@ -12,7 +12,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
-from security.findings import PARTIAL, RAN, UNKNOWN, CheckResult, Finding, error, not_run
+from security.findings import (
+    PARTIAL,
+    RAN,
+    UNKNOWN,
+    CheckResult,
+    Finding,
+    error,
+    not_run,
+    per_lock,
+)
 from security.targets import Targets
 from security.tools import find_binary, run_tool
 
@@ -54,7 +63,8 @@ def interpret(doc: Dict[str, Any], check: str, lock_name: str) -> CheckResult:
         names = ", ".join(str(d.get("name")) for d in skipped[:10])
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         return CheckResult(check=check, scanner=SCANNER, status=PARTIAL, checked=checked,
-                           reason=f"{len(skipped)} dependencies not audited: {names}{more}",
+                           reason=f"{len(skipped)} dependencies of {lock_name} not audited: "
+                                  f"{names}{more}",
                            findings=findings)
     return CheckResult(check=check, scanner=SCANNER, status=RAN, checked=checked,
                        findings=findings)
@@ -95,4 +105,8 @@ def host(targets: Targets) -> CheckResult:
 
 
 def image(targets: Targets) -> CheckResult:
-    return audit_lock(targets, targets.image_lock, "pip-audit-image")
+    """Every docker/locks/*.lock (one per base), as one check: "ran" only if all were audited."""
+    check = "pip-audit-image"
+    return per_lock(check, SCANNER, targets.image_locks(), targets.image_locks_pattern(),
+                    lambda lock: audit_lock(targets, lock, check),
+                    lambda: find_binary("pip-audit"))

@@ -1,4 +1,4 @@
-"""The one place that knows what a scan looks at: Dockerfile, locks, code, skipped folders, image.
+"""The one place that knows what a scan looks at: Dockerfiles, locks, code, skipped folders, image.
 
 Paths are relative to a root, so tests can point the same scan at a temporary tree.
 Must not run anything.
@@ -33,9 +33,10 @@ class Targets:
     """What to scan under `root`. `Targets.for_root(path)` gives the project's layout."""
 
     root: Path
-    dockerfile: Path
+    dockerfile: Path  # the project layer
+    base_dir: Path  # the bases the layer builds on: *.Dockerfile
     host_lock: Path
-    image_lock: Path
+    image_locks_dir: Path  # one *.lock per base (its Python's packages for the layer)
     pyproject: Path
     python_paths: Tuple[Path, ...]
     image: str = DEFAULT_IMAGE
@@ -47,8 +48,9 @@ class Targets:
         return cls(
             root=root,
             dockerfile=root / "docker" / "Dockerfile",
+            base_dir=root / "docker" / "base",
             host_lock=root / "requirements.lock",
-            image_lock=root / "docker" / "requirements.lock",
+            image_locks_dir=root / "docker" / "locks",
             pyproject=root / "pyproject.toml",
             # Our own code; tests are left out on purpose (asserts and fixtures by design).
             python_paths=tuple(root / p for p in ("pipeline", "serving", "security",
@@ -62,6 +64,21 @@ class Targets:
             return str(Path(path).resolve().relative_to(self.root))
         except ValueError:
             return str(path)
+
+    def dockerfiles(self) -> List[Path]:
+        """The Dockerfiles that exist: the project layer first, then each base by name."""
+        bases = sorted(self.base_dir.glob("*.Dockerfile")) if self.base_dir.is_dir() else []
+        return [p for p in [self.dockerfile, *bases] if p.is_file()]
+
+    def image_locks(self) -> List[Path]:
+        """Every image lock that exists (docker/locks/*.lock), by name."""
+        if not self.image_locks_dir.is_dir():
+            return []
+        return sorted(p for p in self.image_locks_dir.glob("*.lock") if p.is_file())
+
+    def image_locks_pattern(self) -> str:
+        """The image locks in words, for "does not exist yet": docker/locks/*.lock."""
+        return f"{self.rel(self.image_locks_dir)}/*.lock"
 
     def existing_python_paths(self) -> List[Path]:
         return [p for p in self.python_paths if p.exists()]

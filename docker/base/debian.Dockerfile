@@ -31,3 +31,7 @@ RUN --mount=type=secret,id=ca \
     && rm /tmp/base.lock \
     && mkdir -p /etc/tokenmeter \
     && echo "debian-${VARIANT}" >/etc/tokenmeter/base
+
+# A base is a build stage for docker/Dockerfile, which switches to root to install and ends as
+# uid 1000. Should anyone run a base on its own, it runs as nobody, not as root.
+USER 65534:65534

@@ -27,3 +27,7 @@ RUN rm -f /etc/apt/sources.list.d/cuda.list /etc/apt/sources.list.d/cuda*.list \
     && rm -f /etc/ssh/ssh_host_* \
     && mkdir -p /etc/tokenmeter \
     && echo official >/etc/tokenmeter/base
+
+# A base is a build stage for docker/Dockerfile, which switches to root to install and ends as
+# uid 1000. Should anyone run a base on its own, it runs as nobody, not as root.
+USER 65534:65534

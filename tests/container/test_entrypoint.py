@@ -2,31 +2,39 @@
 
 Paths are pointed at temporary folders through the entrypoint's own variables, and the
 programs a mode starts (sshd, jupyter, dvc, python3) are stand-ins on PATH that record how
-they were called. ssh-keygen is the real one: host keys and key checks are real.
+they were called. ssh-keygen is the real one: host keys and key checks are real, and so is
+the params profile a repro applies (the stand-in python3 runs the real interpreter there).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+import yaml
 
-from tests.container.conftest import DOCKER, need_binary, stop_group
+from tests.container.conftest import DOCKER, ROOT, need_binary, stop_group
 
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 TOKEN = "t" * 32
-# A stand-in that records argv (one per line), its cwd and whether it got the token.
-# Written to a temporary name and renamed, so a reader never sees half a record.
+# A stand-in that records argv (one per line), its cwd, whether it got the token and the
+# ledger it was given. Written to a temporary name and renamed, so a reader never sees half
+# a record.
 RECORDER = """#!/bin/bash
 {{ echo "argv0=$0"; echo "cwd=$PWD"; echo "token=${{JUPYTER_TOKEN:+set}}"
+   echo "ledger=${{TOKENMETER_LEDGER-unset}}"
    printf 'arg=%s\\n' "$@"; }} > "{out}/{name}.tmp" && mv "{out}/{name}.tmp" "{out}/{name}.called"
 {tail}
 """
+REPRO_LOG = re.compile(r"repro-\d{8}T\d{6}Z\.log")
 # Jupyter's stand-in returns only once sshd's has recorded its call (both start in the
 # background; without this, the entrypoint could stop sshd before it ran). Bounded: 10 s.
 AFTER_SSHD = ('for _ in $(seq 200); do [ -e "{out}/sshd.called" ] && break; sleep 0.05; done; '
@@ -186,40 +194,159 @@ def test_dev_stops_sshd_and_exits_with_jupyters_status(box):
     assert box.called("sshd")  # it was started, and run() returning means it was stopped
 
 
-def test_dev_stops_both_on_sigterm(box):
-    box.fake("jupyter", "exec sleep 300")
-    proc = subprocess.Popen(["bash", str(ENTRYPOINT), "dev"], env=box.env(),
+def start_and_stop(box: "Sandbox", mode: str, *started: str) -> int:
+    """Start a mode in the background, wait until each of `started` has been called, send
+    SIGTERM (what tini forwards on `docker stop`) and return the exit status."""
+    proc = subprocess.Popen(["bash", str(ENTRYPOINT), mode], env=box.env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         end = time.monotonic() + 30
-        while not (box.called("sshd") and box.called("jupyter")) and time.monotonic() < end:
+        while not all(box.called(n) for n in started) and time.monotonic() < end:
             time.sleep(0.1)
-        assert box.called("sshd") and box.called("jupyter")
-        os.kill(proc.pid, signal.SIGTERM)  # what tini forwards on `docker stop`
-        assert proc.wait(timeout=30) == 143
+        assert all(box.called(n) for n in started), started
+        os.kill(proc.pid, signal.SIGTERM)
+        status = proc.wait(timeout=30)
         # No stand-in outlived the entrypoint.
         left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
         assert left.stdout.strip() == ""
+        return status
     finally:
         stop_group(proc)
 
 
-def test_repro_runs_dvc_repro_in_the_workspace(box):
+def test_dev_stops_both_on_sigterm_and_exits_0(box):
+    box.fake("jupyter", "exec sleep 300")
+    # Asked to stop is a clean stop: 0, not the signal's 143 (which reads as a crash).
+    assert start_and_stop(box, "dev", "sshd", "jupyter") == 0
+
+
+class Workspace:
+    """The image's own copy of the project in the sandbox workspace, as the Dockerfile lays
+    it out (params.yaml, profiles/, pipeline/), optionally a mounted checkout (.git)."""
+
+    def __init__(self, box: "Sandbox", checkout: bool):
+        self.root = box.workspace
+        shutil.copy(ROOT / "params.yaml", self.root / "params.yaml")
+        shutil.copytree(ROOT / "profiles", self.root / "profiles")
+        shutil.copytree(ROOT / "pipeline", self.root / "pipeline",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        if checkout:
+            (self.root / ".git").mkdir()
+        self.params = (self.root / "params.yaml").read_bytes()
+        # The real interpreter behind the python3 stand-in: the profile is really applied.
+        box.fake("python3", f'exec "{sys.executable}" "$@"')
+        # dvc keeps the params it was run with, and writes to both of its streams.
+        box.fake("dvc", f'cp params.yaml "{box.out}/params-seen-by-dvc.yaml"; '
+                        'echo "dvc to stdout"; echo "dvc to stderr" >&2; exit "${DVC_EXIT:-0}"')
+
+    def logs(self):
+        folder = self.root / "logs"
+        return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("checkout", [False, True], ids=["image-copy", "mounted-checkout"])
+def test_repro_runs_dvc_repro_in_the_workspace_and_keeps_its_output_in_logs(box, checkout):
+    ws = Workspace(box, checkout)
     result = box.run("repro", "train")
     assert result.returncode == 0, result.stderr
     dvc = box.called("dvc")
     assert dvc["arg"] == ["repro", "train"]
     assert dvc["cwd"] == [str(box.workspace)]
+    # Both of dvc's streams reach the container log and one file in logs/ (a volume).
+    assert "dvc to stdout" in result.stdout and "dvc to stderr" in result.stdout
+    [log] = ws.logs()
+    assert REPRO_LOG.fullmatch(log.name), log.name
+    assert log.read_text().splitlines() == ["dvc to stdout", "dvc to stderr"]
+    # Without a profile, params.yaml is left as it is (a checkout's is the user's own).
+    assert (box.workspace / "params.yaml").read_bytes() == ws.params
+    assert box.called("python3") == {}
+    assert (box.run_dir / "mode").read_text().strip() == "repro"
 
 
-def test_serve_starts_the_endpoint_on_all_interfaces(box):
-    result = box.run("serve", "--port", "9000")
+def test_repro_passes_dvcs_failure_through_and_keeps_its_log(box):
+    ws = Workspace(box, checkout=False)
+    result = box.run("repro", DVC_EXIT="3")
+    assert result.returncode == 3
+    [log] = ws.logs()
+    assert "dvc to stderr" in log.read_text()
+
+
+def leaves(tree: dict, prefix: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def lookup(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def test_repro_applies_the_profile_to_the_images_own_copy_before_dvc_runs(box):
+    ws = Workspace(box, checkout=False)
+    result = box.run("repro", TOKENMETER_PROFILE="smoke")
+    assert result.returncode == 0, result.stderr
+    assert box.called("python3")["cwd"] == [str(box.workspace)]
+    default = yaml.safe_load(ws.params)
+    profile = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
+    seen = yaml.safe_load((box.out / "params-seen-by-dvc.yaml").read_text())
+    # dvc ran on the profile's values, and on the defaults for everything it leaves alone.
+    overridden = dict(leaves(profile))
+    assert overridden and all(lookup(seen, k) == v for k, v in overridden.items())
+    kept = {k: v for k, v in leaves(default) if k not in overridden}
+    assert kept and all(lookup(seen, k) == v for k, v in kept.items())
+    assert seen != default
+    assert yaml.safe_load((box.workspace / "params.yaml").read_text()) == seen
+    assert "profile smoke applied" in result.stderr
+    assert len(ws.logs()) == 1
+
+
+def test_repro_refuses_a_profile_on_a_mounted_checkout(box):
+    ws = Workspace(box, checkout=True)
+    result = box.run("repro", TOKENMETER_PROFILE="smoke")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: TOKENMETER_PROFILE") and "mounted checkout" in line, line
+    assert (box.workspace / "params.yaml").read_bytes() == ws.params
+    assert box.called("python3") == {} and box.called("dvc") == {}
+    assert ws.logs() == []
+
+
+def test_repro_with_an_unknown_profile_stops_before_dvc(box):
+    ws = Workspace(box, checkout=False)
+    result = box.run("repro", TOKENMETER_PROFILE="nope")
+    assert result.returncode != 0
+    assert "no profile 'nope' (have: smoke)" in result.stderr
+    assert (box.workspace / "params.yaml").read_bytes() == ws.params
+    assert box.called("dvc") == {}
+
+
+@pytest.mark.parametrize("ledger", [None, "postgresql://meter@db:5432/ledger"],
+                         ids=["default", "given"])
+def test_serve_starts_the_endpoint_on_all_interfaces(box, ledger):
+    result = box.run("serve", "--port", "9000", TOKENMETER_LEDGER=ledger)
     assert result.returncode == 0, result.stderr
     py = box.called("python3")
     assert py["arg"] == ["-m", "serving", "serve", "--host", "0.0.0.0", "--port", "9000"]
     assert py["cwd"] == [str(box.workspace)]
+    # The ledger volume unless another ledger is given.
+    assert py["ledger"] == [ledger or str(box.workspace / "ledger" / "ledger.sqlite3")]
     assert (box.run_dir / "mode").read_text().strip() == "serve"
+
+
+def test_serve_passes_a_crash_status_through(box):
+    box.fake("python3", "exit 3")
+    assert box.run("serve").returncode == 3
+
+
+def test_serve_exits_0_when_stopped_by_sigterm(box):
+    # The stand-in dies of the signal (143), as uvicorn does after draining.
+    box.fake("python3", "exec sleep 300")
+    assert start_and_stop(box, "serve", "python3") == 0
 
 
 def test_any_other_command_runs_as_given(box):

@@ -1,10 +1,11 @@
 """pip-audit: a lock whose dependencies were all skipped is "not run", never clean; partial
-skips are named; a vulnerability (no severity from pip-audit) ranks by the policy."""
+skips are named; a vulnerability (no severity from pip-audit) ranks by the policy; the image
+locks (one per base) make one check that is only "ran" when every lock was audited."""
 
 from __future__ import annotations
 
 from security import policy, scan_pip_audit
-from security.findings import ERROR, NOT_RUN, PARTIAL, RAN, UNKNOWN
+from security.findings import ERROR, NOT_RUN, PARTIAL, RAN, UNKNOWN, combine, error
 from tests.security.scan_trees import make_policy, need, write_tree
 
 # The JSON pip-audit writes on machines where its service cannot be reached: exit 0,
@@ -64,11 +65,57 @@ def test_real_pip_audit_never_reports_an_unaudited_lock_as_clean(tmp_path):
         assert not result.checked.startswith("requirements.lock: 0 of")
 
 
-def test_missing_lock_is_not_run(tmp_path):
+ALL_AUDITED = {"dependencies": [
+    {"name": "requests", "version": "2.19.0", "vulns": SOME_AUDITED["dependencies"][0]["vulns"]},
+    {"name": "idna", "version": "3.7", "vulns": []}], "fixes": []}
+
+
+def test_image_locks_make_one_check_no_better_than_its_worst_lock():
+    check = "pip-audit-image"
+    debian = scan_pip_audit.interpret(ALL_AUDITED, check, "docker/locks/debian.lock")
+    official = scan_pip_audit.interpret(ALL_SKIPPED, check, "docker/locks/official.lock")
+    assert (debian.status, official.status) == (RAN, NOT_RUN)
+
+    both = combine(check, "pip-audit", [debian, official])
+
+    # One lock audited, the other not: partial, naming the lock that was not checked.
+    assert both.status == PARTIAL
+    assert both.checked == "docker/locks/debian.lock: 2 of 2 dependencies audited"
+    assert "docker/locks/official.lock" in both.reason and "nothing was audited" in both.reason
+    [vuln] = both.findings
+    assert (vuln.target, vuln.rule_id) == ("docker/locks/debian.lock", "PYSEC-2018-28")
+    verdict = policy.evaluate([both], make_policy())
+    assert verdict.exit_code == 1 and "only partly checked: pip-audit-image" in verdict.summary()
+    # A lock that broke makes the check an error; none audited is "not run", never clean.
+    broke = error(check, "pip-audit", "pip-audit exited 2 without a report: boom",
+                  checked="docker/locks/official.lock")
+    assert combine(check, "pip-audit", [debian, broke]).status == ERROR
+    assert combine(check, "pip-audit", [official, official]).status == NOT_RUN
+    assert combine(check, "pip-audit", [debian, debian]).status == RAN
+
+
+def test_real_pip_audit_audits_every_image_lock(tmp_path):
     need("pip-audit")
-    targets = write_tree(tmp_path, {"requirements.lock": "idna==3.7\n"})
+    targets = write_tree(tmp_path, {"docker/locks/official.lock": "idna==3.7\n",
+                                    "docker/locks/debian.lock": "pyyaml==6.0.1\n",
+                                    "docker/requirements.lock": "requests==2.19.0\n"})
+
+    result = scan_pip_audit.image(targets)
+
+    assert result.status != ERROR, result.reason
+    said = result.checked + " " + result.reason
+    # Both locks were given to pip-audit (offline: both skipped, named in the reason); the
+    # pre-split docker/requirements.lock is not read any more.
+    assert "docker/locks/debian.lock" in said and "docker/locks/official.lock" in said
+    assert "requirements.lock" not in said.replace("docker/locks/", "")
+
+
+def test_missing_locks_are_not_run(tmp_path):
+    need("pip-audit")
+    targets = write_tree(tmp_path, {"requirements.lock": "idna==3.7\n",
+                                    "docker/locks/README.md": "no lock yet\n"})
 
     result = scan_pip_audit.image(targets)
 
     assert result.status == NOT_RUN
-    assert result.reason == "docker/requirements.lock does not exist yet"
+    assert result.reason == "docker/locks/*.lock does not exist yet"

@@ -1,4 +1,5 @@
-"""CycloneDX SBOMs from a lock (no network), and "not run" for a lock that is not there."""
+"""CycloneDX SBOMs from the locks (no network): one for the host lock, one per image lock
+(docker/locks/*.lock, one per base), and "not run" for locks that are not there."""
 
 from __future__ import annotations
 
@@ -9,29 +10,41 @@ from security.findings import NOT_RUN, RAN
 from tests.security.scan_trees import need, write_tree
 
 
-def test_sbom_lists_every_locked_package(tmp_path):
+def test_sbom_lists_every_locked_package_of_every_lock(tmp_path):
     need("cyclonedx-py")
     targets = write_tree(tmp_path, {
         "requirements.lock": "idna==3.7\npyyaml==6.0.1\n",
-        "docker/requirements.lock": "numpy==1.24.4\n"})
+        "docker/locks/official.lock": "numpy==1.24.4\n",
+        "docker/locks/debian.lock": "numpy==1.26.4\nrequests==2.32.3\n",
+        # Not a lock: left alone.
+        "docker/locks/README.md": "one lock per base\n"})
+    reports = tmp_path / "reports"
 
-    host = sbom.host(targets, tmp_path / "reports")
-    image = sbom.image(targets, tmp_path / "reports")
+    host = sbom.host(targets, reports)
+    image = sbom.image(targets, reports)
 
     assert host.status == image.status == RAN
     assert host.checked.startswith("requirements.lock: 2 components")
-    bom = json.loads((tmp_path / "reports" / "sbom-image.cdx.json").read_text())
-    assert bom["bomFormat"] == "CycloneDX"
-    assert [c["purl"] for c in bom["components"]] == ["pkg:pypi/numpy@1.24.4"]
-    assert host.findings == [] and host.artifacts == [str(tmp_path / "reports" /
-                                                          "sbom-host.cdx.json")]
+    assert image.checked == ("docker/locks/debian.lock: 2 components, CycloneDX 1.6; "
+                             "docker/locks/official.lock: 1 components, CycloneDX 1.6")
+    assert image.artifacts == [str(reports / "sbom-image-debian.cdx.json"),
+                               str(reports / "sbom-image-official.cdx.json")]
+    purls = {name: [c["purl"] for c in json.loads((reports / f"sbom-image-{name}.cdx.json")
+                                                  .read_text())["components"]]
+             for name in ("official", "debian")}
+    assert purls == {"official": ["pkg:pypi/numpy@1.24.4"],
+                     "debian": ["pkg:pypi/numpy@1.26.4", "pkg:pypi/requests@2.32.3"]}
+    assert host.findings == image.findings == []
+    assert host.artifacts == [str(reports / "sbom-host.cdx.json")]
 
 
-def test_missing_lock_is_not_run(tmp_path):
+def test_missing_locks_are_not_run(tmp_path):
     need("cyclonedx-py")
-    targets = write_tree(tmp_path, {"README.md": "x\n"})
+    # The pre-split location is not read any more.
+    targets = write_tree(tmp_path, {"docker/requirements.lock": "numpy==1.24.4\n"})
 
     result = sbom.image(targets, tmp_path / "reports")
 
     assert result.status == NOT_RUN
-    assert not (tmp_path / "reports" / "sbom-image.cdx.json").exists()
+    assert result.reason == "docker/locks/*.lock does not exist yet"
+    assert not (tmp_path / "reports").exists() or not list((tmp_path / "reports").iterdir())

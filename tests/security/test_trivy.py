@@ -1,6 +1,7 @@
-"""trivy on temporary trees: a root Dockerfile and a fake AWS key are caught with the right
-severity and fail the policy; a scan with nothing to look at, or no engine/database, is
-"not run" with its reason."""
+"""trivy on temporary trees: a root Dockerfile (the layer's or a base's) and a fake AWS key
+are caught with the right severity and fail the policy; a scan with nothing to look at, or
+no engine/database/image, is "not run" with its reason. (trivy-rootfs on a real image:
+tests/container/test_image_scan.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import json
 
 import pytest
 
-from security import policy, report, scan_trivy
+from image.engine import EngineError, detect
+from security import checks, policy, report, scan_trivy
 from security.findings import NOT_RUN, RAN
+from security.targets import Targets
 from tests.security.scan_trees import (
     NO_USER_DOCKERFILE,
     ROOT_DOCKERFILE,
@@ -82,16 +85,76 @@ def test_tree_without_iac_is_not_run(tmp_path):
     assert not policy.evaluate([result], make_policy()).failed
 
 
-def test_image_scan_without_database_or_engine_is_not_run(tmp_path, monkeypatch):
+def test_base_dockerfiles_are_scanned_as_iac(tmp_path):
+    need("trivy")
+    # The bases are named *.Dockerfile: trivy must still read them as Dockerfiles.
+    targets = write_tree(tmp_path, {
+        "docker/Dockerfile": ROOT_DOCKERFILE.replace("USER root", "USER 1000:1000"),
+        "docker/base/official.Dockerfile": ROOT_DOCKERFILE, "app.py": "print(1)\n"})
+
+    result = scan_trivy.config(targets)
+
+    assert result.status == RAN, result.reason
+    assert "docker/base/official.Dockerfile (dockerfile)" in result.checked
+    assert "docker/Dockerfile (dockerfile)" in result.checked
+    root = [f.path for f in result.findings if f.rule_id == "DS-0002"]
+    assert root == ["docker/base/official.Dockerfile"]
+
+
+def _no_engine(monkeypatch, tmp_path):
+    """No docker or podman command to be found (the scanners are found beside Python)."""
+    monkeypatch.delenv("TOKENMETER_ENGINE", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+
+
+def _engine_or_skip():
+    try:
+        return detect()
+    except EngineError as exc:
+        pytest.skip(f"needs a container engine: {exc}")
+
+
+def test_image_scans_without_engine_are_not_run(tmp_path, monkeypatch):
     need("trivy")
     monkeypatch.setenv("TRIVY_CACHE_DIR", str(tmp_path / "empty-cache"))
+    _no_engine(monkeypatch, tmp_path)
     targets = write_tree(tmp_path / "tree", {"docker/Dockerfile": ROOT_DOCKERFILE})
 
-    result = scan_trivy.image(targets)
+    image = scan_trivy.image(targets)
+    rootfs = scan_trivy.rootfs(targets)
 
-    assert result.status == NOT_RUN
-    assert "no trivy vulnerability database" in result.reason
-    assert not result.ran and result.findings == []
+    # Both reasons, from image.engine.detect(): no database, and no engine.
+    assert image.status == NOT_RUN
+    assert "no trivy vulnerability database" in image.reason
+    assert "no container engine runs here (no `docker` command; no `podman` command)" \
+        in image.reason
+    assert not image.ran and image.findings == []
+    # trivy-rootfs needs no database: only the engine is missing.
+    assert rootfs.status == NOT_RUN and rootfs.findings == []
+    assert rootfs.reason.startswith("no container engine runs here")
+    assert rootfs.checked == "image tokenmeter:latest"
+
+
+def test_image_scans_of_an_image_not_built_are_not_run(tmp_path, monkeypatch):
+    need("trivy")
+    engine = _engine_or_skip()
+    monkeypatch.setenv("TRIVY_CACHE_DIR", str(tmp_path / "empty-cache"))
+    ref = "localhost/tokenmeter-never-built:absent"
+    targets = write_tree(tmp_path / "tree", {"docker/Dockerfile": ROOT_DOCKERFILE})
+
+    results = checks.run_all(Targets.for_root(targets.root, image=ref),
+                             tmp_path / "reports", only=["trivy-image", "trivy-rootfs"],
+                             progress=lambda _: None)
+
+    by_check = {r.check: r for r in results}
+    assert by_check["trivy-rootfs"].status == NOT_RUN
+    assert by_check["trivy-rootfs"].reason == f"image {ref} is not built (invoke build)"
+    image = by_check["trivy-image"]
+    assert image.status == NOT_RUN and f"image {ref} is not built" in image.reason
+    assert "no trivy vulnerability database" in image.reason
+    assert "no container engine" not in image.reason, engine
+    verdict = policy.evaluate(results, make_policy())
+    assert verdict.status == "NOTHING CHECKED" and verdict.exit_code == 2
 
 
 def test_vulnerability_report_parsed_into_common_shape():
