@@ -16,7 +16,8 @@ ENV = f"source {ROOT}/scripts/env.sh"
 
 
 def _run(c: Context, cmd: str, **kw):
-    return c.run(f"bash -c '{ENV} && {cmd}'", pty=False, **kw)
+    # From the project root, whatever folder invoke was started in.
+    return c.run(f"bash -c 'cd {ROOT} && {ENV} && {cmd}'", pty=False, **kw)
 
 
 @task
@@ -35,7 +36,7 @@ def repro(c, force=False, stage=""):
 
 @task(help={"dest": "workspace folder (replaced)"})
 def smoke(c, dest="build/smoke"):
-    """Run the whole chain on the smoke profile in a throw-away workspace (~2 minutes)."""
+    """Run the whole chain on the smoke profile in a throw-away workspace (1-2 minutes)."""
     _run(c, f"python -m pipeline.workspace --profile smoke {dest} && cd {dest} && dvc repro")
 
 
@@ -47,8 +48,8 @@ def test(c, args=""):
 
 @task
 def lint(c):
-    """ruff on the code."""
-    _run(c, "ruff check pipeline serving security image tests tasks.py")
+    """ruff and mypy on the code (what scripts/test runs first)."""
+    _run(c, "ruff check pipeline serving security image tests tasks.py && mypy")
 
 
 @task(help={"only": "comma-separated checks (default all; `python -m security -h` lists them)",

@@ -1,48 +1,18 @@
-"""Tokenising texts and cutting them into length-bucketed, padded batches.
+"""Cutting token ids into length-bucketed, padded batches for training and batch inference.
 
-Shared by `train`, `export` and `validate`; imports only numpy and `tokenizers` (never
-transformers or TF) so the validate process stays "SavedModel + tokenizer files only".
-Padding to a few fixed bucket lengths keeps the number of distinct shapes TF traces small.
+Used by `train` and `validate`; the tokenizer and padding primitives live in
+`serving.tokenization` (the endpoint uses the same ones). Imports only numpy.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
+from serving.tokenization import bucket_length, pad
+
 Batch = Tuple[np.ndarray, np.ndarray, np.ndarray]  # input_ids, attention_mask, row indices
-
-
-def load_tokenizer(tokenizer_file: Path, max_length: int):
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_file))
-    tok.no_padding()
-    tok.enable_truncation(max_length=max_length)
-    return tok
-
-
-def encode(tokenizer, texts: Sequence[str]) -> List[List[int]]:
-    return [e.ids for e in tokenizer.encode_batch(list(texts))]
-
-
-def bucket_length(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    return buckets[-1]
-
-
-def pad(ids: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarray, np.ndarray]:
-    input_ids = np.zeros((len(ids), length), dtype=np.int32)  # [PAD] is id 0
-    mask = np.zeros((len(ids), length), dtype=np.int32)
-    for i, row in enumerate(ids):
-        row = row[:length]
-        input_ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return input_ids, mask
 
 
 def make_batches(ids: Sequence[Sequence[int]], batch_size: int, buckets: Sequence[int],
@@ -69,8 +39,3 @@ def make_batches(ids: Sequence[Sequence[int]], batch_size: int, buckets: Sequenc
         length = bucket_length(int(lengths[rows].max()), buckets)
         input_ids, mask = pad([ids[i] for i in rows], length)
         yield input_ids, mask, rows
-
-
-def default_buckets(max_length: int) -> List[int]:
-    """Powers of two from 32 below `max_length`, then `max_length` itself."""
-    return [b for b in (32, 64, 128, 256, 512) if b < max_length] + [max_length]

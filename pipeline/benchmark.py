@@ -18,13 +18,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, SupportsFloat, Tuple
 
 from pipeline import ceiling, ledger_capacity, paths
 from pipeline.errors import fail, require, run_stage
 from pipeline.io import read_jsonl, write_atomic, write_json
 from pipeline.loadgen import LoadResult, Record, run_load, summarize
-from pipeline.model_dir import TOKENIZER_FILE, read_card, read_labels
 from pipeline.params import Benchmark, Export, Hardware, load
 from pipeline.servers import (
     HOST,
@@ -34,6 +33,7 @@ from pipeline.servers import (
     http_get,
     serving_cli,
 )
+from serving.model_dir import TOKENIZER_FILE, read_card, read_labels
 
 ROOT = Path(__file__).resolve().parent.parent
 LoadFn = Callable[..., LoadResult]
@@ -207,8 +207,15 @@ def cost_table(hardware: Sequence[Hardware], measured_tokens_per_s: float,
     return out
 
 
+def number(value: object) -> float:
+    """float() of a numeric field of a level row (a Dict[str, object]); TypeError otherwise."""
+    if isinstance(value, SupportsFloat):  # int, float, numpy scalars; not None, not a list
+        return float(value)
+    raise TypeError(f"expected a number, got {type(value).__name__}: {value!r}")
+
+
 def best(levels: Sequence[Dict[str, object]], key: str) -> Dict[str, object]:
-    return max(levels, key=lambda r: float(r[key] or 0))
+    return max(levels, key=lambda r: number(r[key] or 0))
 
 
 def at(levels: Sequence[Dict[str, object]], c: int) -> Optional[Dict[str, object]]:
@@ -220,28 +227,31 @@ def ratios(b: Benchmark, grid: List[dict], policy: List[dict],
     top = max(b.concurrency)
     out: Dict[str, object] = {"at_concurrency": top}
     ep = at(servers["endpoint"]["levels"], top)
+    if ep is None:  # measure() runs every level of b.concurrency
+        raise ValueError(f"no endpoint level at concurrency {top}")
     if "naive" in servers:
         nv = at(servers["naive"]["levels"], top)
-        out["endpoint_vs_naive_req_s"] = round(float(ep["req_per_s"]) / float(nv["req_per_s"]),
+        out["endpoint_vs_naive_req_s"] = round(number(ep["req_per_s"]) / number(nv["req_per_s"]),
                                                2) if nv and nv["req_per_s"] else None
     fits = [p for p in policy if p["batch_size"] <= b.max_batch] or policy
     ceil = max(fits, key=lambda p: p["batch_size"])
     out["ceiling_batch_size"] = ceil["batch_size"]
-    out["served_vs_ceiling"] = round(float(ep["req_per_s"]) / float(ceil["texts_per_s"]), 4)
+    out["served_vs_ceiling"] = round(number(ep["req_per_s"]) / float(ceil["texts_per_s"]), 4)
     if "unmetered" in servers:
         over = {}
         for on in servers["endpoint"]["levels"]:
-            off = at(servers["unmetered"]["levels"], int(on["concurrency"]))
+            off = at(servers["unmetered"]["levels"], int(number(on["concurrency"])))
             if off and off["p50_ms"] and on["p50_ms"]:
                 over[f"c{on['concurrency']}"] = round(
-                    (float(on["p50_ms"]) - float(off["p50_ms"])) / float(off["p50_ms"]) * 100, 2)
+                    (number(on["p50_ms"]) - number(off["p50_ms"])) / number(off["p50_ms"]) * 100,
+                    2)
         out["metering_overhead_p50_pct"] = over
     speed: Dict[str, List[float]] = {}
     for row in grid:
         speed.setdefault(row["mode"], []).append(float(row["rows_per_s"]))
     medians = {m: round(statistics.median(v), 3) for m, v in speed.items()}
     out["ceiling_median_rows_per_s"] = medians
-    out["fastest_mode"] = max(medians, key=medians.get) if medians else None
+    out["fastest_mode"] = max(medians, key=lambda m: medians[m]) if medians else None
     if "xla" in speed and "graph" in speed:
         out["xla_vs_graph_median"] = round(statistics.median(
             x / g for x, g in zip(speed["xla"], speed["graph"])), 3)
@@ -407,7 +417,7 @@ def benchmark(model_dir: Path, b: Benchmark, out_dir: Path,
     """Every measurement of the stage; returns the report (no metrics files, no MLflow)."""
     import tensorflow as tf
 
-    from pipeline.batching import encode, load_tokenizer
+    from serving.tokenization import encode, load_tokenizer
 
     ceiling.check(model_dir)  # a missing or corrupt model is one line, before anything starts
     card = read_card(model_dir)
@@ -459,7 +469,7 @@ def benchmark(model_dir: Path, b: Benchmark, out_dir: Path,
     # Revenue per 1K tokens actually billed (the pricing file's input/output prices, blended
     # by this load's mix), from the ledger's exact micro-USD.
     revenue_per_1k = billed["cost_micro"] / 1e6 / total_tokens * 1000 if total_tokens else 0.0
-    measured_tps = float(best(servers["endpoint"]["levels"], "tokens_per_s")["tokens_per_s"])
+    measured_tps = number(best(servers["endpoint"]["levels"], "tokens_per_s")["tokens_per_s"])
     from serving.pricing import price_for
     from serving.settings import DEFAULT_PRICING
 

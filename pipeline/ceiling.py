@@ -14,8 +14,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from pipeline.batching import bucket_length, default_buckets, pad
 from pipeline.errors import fail
+from serving.tokenization import bucket_length, default_buckets, pad
 
 
 def check(model_dir: Path):

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import batching, modeling, paths
+from pipeline import modeling, paths
 from pipeline.errors import require, run_stage
 from pipeline.io import read_json, read_jsonl, sha256_file, write_json
-from pipeline.model_dir import (
+from pipeline.params import PARAMS_FILE, Export, Train, load, read_yaml
+from pipeline.tokenizer import TOKENIZER_FILES
+from serving import tokenization
+from serving.model_dir import (
     CARD_FILE,
     INPUT_NAMES,
     LABELS_FILE,
@@ -26,8 +29,6 @@ from pipeline.model_dir import (
     PARITY_FILE,
     SIGNATURE,
 )
-from pipeline.params import PARAMS_FILE, Export, Train, load, read_yaml
-from pipeline.tokenizer import TOKENIZER_FILES
 
 CARD_PARAMS = ("prepare", "tokenizer", "train", "export")
 
@@ -67,9 +68,9 @@ def export(out_dir: Path, e: Export, max_length: int) -> dict:
 
     # The parity batch: the first test texts, padded together; Keras outputs recorded now.
     texts = [r["text"] for r in read_jsonl(paths.split_file("test"))[: e.parity_batch_size]]
-    tok = batching.load_tokenizer(paths.TOKENIZER_DIR / "tokenizer.json", max_length)
-    ids = batching.encode(tok, texts)
-    input_ids, mask = batching.pad(ids, max(len(r) for r in ids))
+    tok = tokenization.load_tokenizer(paths.TOKENIZER_DIR / "tokenizer.json", max_length)
+    ids = tokenization.encode(tok, texts)
+    input_ids, mask = tokenization.pad(ids, max(len(r) for r in ids))
     keras_probs = tf.nn.softmax(model(input_ids=input_ids, attention_mask=mask,
                                       training=False).logits, axis=-1).numpy()
     np.savez(tmp / PARITY_FILE, input_ids=input_ids, attention_mask=mask,

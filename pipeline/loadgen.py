@@ -50,7 +50,7 @@ class _Conn:
         if self.writer is None:
             self.reader, self.writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port), timeout)
-        assert self.reader is not None
+        assert self.reader is not None and self.writer is not None
         self.writer.write(head + body)
         status_line = await asyncio.wait_for(self.reader.readline(), timeout)
         if not status_line:
@@ -152,7 +152,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def summarize(result: LoadResult) -> Dict[str, float]:
+def summarize(result: LoadResult) -> Dict[str, Optional[float]]:
     """req/s, tokens/s and latency percentiles of the 200 answers; error rate of all."""
     ok = result.ok
     n, dur = len(result.records), max(result.duration_s, 1e-9)

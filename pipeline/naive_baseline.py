@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.model_dir import (
+from serving.model_dir import (
     INPUT_NAMES,
     OUTPUT_NAME,
     SIGNATURE,

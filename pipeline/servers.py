@@ -28,7 +28,10 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """True when no socket listens on the port. SO_REUSEADDR, as a server would set it: closed
+    connections lingering in TIME_WAIT (a server that closes first leaves them) do not count."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:

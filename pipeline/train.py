@@ -12,7 +12,8 @@ import csv
 import io
 import sys
 import time
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -20,8 +21,18 @@ from pipeline import batching, modeling, paths, tracking
 from pipeline.errors import fail, require, run_stage
 from pipeline.io import read_json, read_jsonl, write_atomic, write_json
 from pipeline.params import Tracking, Train, load
+from serving import tokenization
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+
+
+@dataclass
+class BestEpoch:
+    """The epoch with the best val accuracy so far, and the model's weights after it."""
+
+    val_accuracy: float = -1.0
+    epoch: int = 0
+    weights: Optional[List[np.ndarray]] = None
 
 
 def make_dataset(ids: List[List[int]], labels: np.ndarray, p: Train, shuffle: bool):
@@ -83,13 +94,13 @@ def train(p: Train, experiment: str) -> dict:
     tf.config.experimental.enable_op_determinism()
 
     label_names = read_json(paths.LABELS_FILE)
-    tokenizer = batching.load_tokenizer(paths.TOKENIZER_DIR / "tokenizer.json", p.max_length)
+    tokenizer = tokenization.load_tokenizer(paths.TOKENIZER_DIR / "tokenizer.json", p.max_length)
     data = {}
     for split in ("train", "val"):
         rows = read_jsonl(paths.split_file(split))
         if not rows:
             fail(f"{paths.split_file(split)} is empty; run the prepare stage first")
-        data[split] = (batching.encode(tokenizer, [r["text"] for r in rows]),
+        data[split] = (tokenization.encode(tokenizer, [r["text"] for r in rows]),
                        np.array([r["label"] for r in rows], dtype=np.int32))
 
     steps_per_epoch = -(-len(data["train"][0]) // p.batch_size)
@@ -103,7 +114,7 @@ def train(p: Train, experiment: str) -> dict:
     val_ds = make_dataset(*data["val"], p, shuffle=False)
 
     history: List[Dict[str, float]] = []
-    best = {"val_accuracy": -1.0, "epoch": 0, "weights": None}
+    best = BestEpoch()
 
     import mlflow
 
@@ -116,9 +127,9 @@ def train(p: Train, experiment: str) -> dict:
                                                        total_steps)))}
             history.append(row)
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-            if row["val_accuracy"] > best["val_accuracy"]:
-                best.update(val_accuracy=row["val_accuracy"], epoch=epoch + 1,
-                            weights=self.model.get_weights())
+            if row["val_accuracy"] > best.val_accuracy:
+                best.val_accuracy, best.epoch = row["val_accuracy"], epoch + 1
+                best.weights = self.model.get_weights()
 
     with tracking.start_run(experiment, run_name=f"train-{p.init}") as run:
         mlflow.log_params(tracking.flatten("train", p.model_dump()))
@@ -135,8 +146,8 @@ def train(p: Train, experiment: str) -> dict:
                   steps_per_epoch=steps_per_epoch, callbacks=[Track()],
                   verbose=1 if sys.stdout.isatty() else 2)
         wall = time.perf_counter() - started
-        model.set_weights(best["weights"])
-        mlflow.log_metrics({"best_val_accuracy": best["val_accuracy"],
+        model.set_weights(best.weights)
+        mlflow.log_metrics({"best_val_accuracy": best.val_accuracy,
                             "train_wall_seconds": wall})
         png = curve_png(history)
         write_atomic(paths.PLOTS_DIR / "training_curve.png", png)
@@ -148,11 +159,11 @@ def train(p: Train, experiment: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     write_atomic(paths.METRICS_DIR / "train_history.csv", history_csv(history))
-    summary = {"best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
+    summary = {"best_epoch": best.epoch, "best_val_accuracy": best.val_accuracy,
                "epochs": p.epochs, "steps_per_epoch": steps_per_epoch,
                "parameters": int(model.count_params())}
     write_json(paths.metrics_file("train"), summary)
-    print(f"train: best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}/"
+    print(f"train: best val accuracy {best.val_accuracy:.4f} at epoch {best.epoch}/"
           f"{p.epochs}, {summary['parameters']:,} parameters, {wall:.0f} s; "
           f"MLflow run {run_id}")
     return summary

@@ -23,7 +23,9 @@ from pipeline import batching, paths
 from pipeline.baseline import scores
 from pipeline.errors import GateFailed, fail, require, run_stage
 from pipeline.io import read_json, read_jsonl, write_atomic, write_json
-from pipeline.model_dir import (
+from pipeline.params import Export, Validate, load
+from serving import tokenization
+from serving.model_dir import (
     INPUT_DTYPE,
     INPUT_NAMES,
     OUTPUT_NAME,
@@ -33,7 +35,6 @@ from pipeline.model_dir import (
     read_card,
     read_labels,
 )
-from pipeline.params import Export, Validate, load
 
 
 def load_signature(model_dir: Path):
@@ -82,6 +83,8 @@ def predict(fn, ids: List[List[int]], batch_size: int, buckets: List[int]) -> np
         if probs is None:
             probs = np.zeros((len(ids), out.shape[1]), dtype=np.float32)
         probs[rows] = out
+    if probs is None:  # no ids, so no batches
+        raise ValueError("predict: no rows to predict")
     return probs
 
 
@@ -90,13 +93,13 @@ def latency(fn, tokenizer, texts: List[str], n: int, buckets: List[int]) -> Dict
     rng = np.random.default_rng(0)
     picks = [texts[i] for i in rng.integers(0, len(texts), size=n)]
     for text in picks[:5]:  # warm-up: first calls allocate
-        ids = batching.encode(tokenizer, [text])
-        call(fn, *batching.pad(ids, batching.bucket_length(len(ids[0]), buckets)))
+        ids = tokenization.encode(tokenizer, [text])
+        call(fn, *tokenization.pad(ids, tokenization.bucket_length(len(ids[0]), buckets)))
     times = []
     for text in picks:
         t0 = time.perf_counter()
-        ids = batching.encode(tokenizer, [text])
-        call(fn, *batching.pad(ids, batching.bucket_length(len(ids[0]), buckets)))
+        ids = tokenization.encode(tokenizer, [text])
+        call(fn, *tokenization.pad(ids, tokenization.bucket_length(len(ids[0]), buckets)))
         times.append((time.perf_counter() - t0) * 1000)
     arr = np.array(times)
     return {"requests": n, "p50_ms": round(float(np.percentile(arr, 50)), 3),
@@ -149,7 +152,7 @@ def validate(model_dir: Path, v: Validate) -> Tuple[dict, bytes]:
     names = read_labels(model_dir)
     card = read_card(model_dir)
     max_length = int(card["max_input_tokens"])
-    buckets = batching.default_buckets(max_length)
+    buckets = tokenization.default_buckets(max_length)
     _loaded, fn = load_signature(model_dir)
     problems = check_signature(fn, len(names))
 
@@ -157,12 +160,12 @@ def validate(model_dir: Path, v: Validate) -> Tuple[dict, bytes]:
     parity = float(np.abs(call(fn, ref["input_ids"], ref["attention_mask"])
                           - ref["probabilities"]).max())
 
-    tokenizer = batching.load_tokenizer(model_dir / TOKENIZER_FILE, max_length)
+    tokenizer = tokenization.load_tokenizer(model_dir / TOKENIZER_FILE, max_length)
     rows = read_jsonl(paths.split_file("test"))
     if not rows:
         fail(f"{paths.split_file('test')} is empty; run the prepare stage first")
     texts, labels = [r["text"] for r in rows], [int(r["label"]) for r in rows]
-    probs = predict(fn, batching.encode(tokenizer, texts), v.batch_size, buckets)
+    probs = predict(fn, tokenization.encode(tokenizer, texts), v.batch_size, buckets)
     quality = scores(labels, probs.argmax(axis=1).tolist())
     baseline = read_json(paths.metrics_file("baseline"))["test"]
     result = gates(v, quality, baseline, parity, problems)

@@ -1,39 +1,21 @@
-#!/usr/bin/env bash
-# Makes .venv match requirements.lock: creates it when missing, rebuilds it when the lock
-# changed since it was built (the lock is generated from pyproject.toml, so a dependency
-# change shows up there). Sourced by scripts/repro and scripts/test.
-set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-PY="${PYTHON:-python3.11}"
-command -v "$PY" >/dev/null || { echo "error: $PY not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2; exit 2; }
-"$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' \
-  || { echo "error: $PY is not Python 3.11 (the lock is resolved for 3.11); set PYTHON=" >&2; exit 2; }
-
-stamp=.venv/.tokenmeter-lock
-want="$(sha256sum requirements.lock | cut -d' ' -f1)"
-if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo ">> building .venv from requirements.lock (first time: ~3-5 minutes, ~2.5 GB)"
-  rm -rf .venv
-  log="$(mktemp)"
-  # pip's output goes to a log that is shown only if something fails.
-  if ! { "$PY" -m venv .venv \
-        && .venv/bin/python -m pip install --quiet --upgrade "pip>=24" \
-        && .venv/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements.lock \
-        && .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . ; } >"$log" 2>&1; then
-    grep -v "is ignored: it is neither" "$log" | tail -40 >&2
-    echo "error: could not build .venv from requirements.lock (pip output above)" >&2
-    exit 1
+# Enter the project's environment: builds or refreshes .venv from requirements.lock
+# (scripts/venv.sh), then puts it first on PATH and sets the offline defaults below.
+#   source scripts/env.sh        # in your shell: invoke, dvc, python -m serving ... work
+# Safe to source from an interactive shell: it sets no shell options, changes no directory,
+# and a failure returns an error status instead of closing your shell. Sourced by
+# scripts/repro and scripts/test too.
+_tm_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if bash "$_tm_root/scripts/venv.sh"; then
+  export PATH="$_tm_root/.venv/bin:$PATH"
+  # Offline by design: nothing in the default pipeline talks to a hub; say so to the
+  # libraries so a missing network fails fast instead of waiting on time-outs. A user with
+  # hub access who names a pretrained model in params.yaml sets TOKENMETER_ONLINE=1.
+  if [ "${TOKENMETER_ONLINE:-0}" != "1" ]; then
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
   fi
-  rm -f "$log"
-  echo "$want" > "$stamp"
-  echo ">> .venv ready"
+  export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}" TOKENIZERS_PARALLELISM=false
+  unset _tm_root
+else
+  unset _tm_root
+  false
 fi
-export PATH="$PWD/.venv/bin:$PATH"
-# Offline by design: nothing in the default pipeline talks to a hub; say so to the libraries
-# so a missing network fails fast instead of waiting on time-outs. A user with hub access
-# who names a pretrained model in params.yaml sets TOKENMETER_ONLINE=1.
-if [ "${TOKENMETER_ONLINE:-0}" != "1" ]; then
-  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-fi
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}" TOKENIZERS_PARALLELISM=false

@@ -13,7 +13,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -129,12 +129,14 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-ERROR_RESPONSES = {s: {"model": ErrorBody, "description": d} for s, d in (
-    (400, "malformed JSON, missing/empty/non-string text, too many texts, body too large"),
-    (401, "missing, unknown or revoked API key"),
-    (413, "a text longer than the model's maximum tokens (without truncate)"),
-    (429, "RPM/TPM limit (with Retry-After) or code insufficient_quota (key or user budget)"),
-    (503, "overloaded: the model queue is full"))}
+# The type FastAPI's `responses=` takes: status code -> OpenAPI fields of that answer.
+ERROR_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
+    s: {"model": ErrorBody, "description": d} for s, d in (
+        (400, "malformed JSON, missing/empty/non-string text, too many texts, body too large"),
+        (401, "missing, unknown or revoked API key"),
+        (413, "a text longer than the model's maximum tokens (without truncate)"),
+        (429, "RPM/TPM limit (with Retry-After) or code insufficient_quota (key or user budget)"),
+        (503, "overloaded: the model queue is full"))}
 
 
 @dataclass
@@ -429,9 +431,9 @@ def _quota_error() -> ApiError:
                     "the request was not billed")
 
 
-def _usage_row(r: Dict[str, object], currency: str) -> Dict[str, object]:
-    out = {k: v for k, v in r.items() if k != "cost_micro"}
-    out["total_tokens"] = int(r["input_tokens"]) + int(r["output_tokens"])  # type: ignore
+def _usage_row(r: Mapping[str, Union[int, str]], currency: str) -> Dict[str, object]:
+    out: Dict[str, object] = {k: v for k, v in r.items() if k != "cost_micro"}
+    out["total_tokens"] = int(r["input_tokens"]) + int(r["output_tokens"])
     out["cost"] = {"currency": currency,
-                   "total": pricing.micro_to_str(int(r["cost_micro"]))}  # type: ignore
+                   "total": pricing.micro_to_str(int(r["cost_micro"]))}
     return out

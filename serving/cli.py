@@ -178,9 +178,9 @@ def cmd_serve(args) -> int:
     root.setLevel(s.log_level.upper())
     root.propagate = False
 
-    from pipeline.model_dir import TOKENIZER_FILE
     from serving.app import Components, create_app
     from serving.metering import Meter
+    from serving.model_dir import TOKENIZER_FILE
     from serving.runner import ModelDirError, ModelRunner
 
     try:

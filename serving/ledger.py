@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 # Budgets left empty are stored as NULL; the conditional UPDATE compares against this.
 NO_LIMIT = 2 ** 62
@@ -196,7 +196,7 @@ class Ledger:
     """Common logic; subclasses say how to connect and which SQL dialect details differ."""
 
     placeholder = "?"
-    integrity_errors: Tuple[type, ...] = (sqlite3.IntegrityError,)
+    integrity_errors: Tuple[Type[Exception], ...] = (sqlite3.IntegrityError,)
     kind = "sqlite"
 
     def __init__(self, commit_wait_s: float = 0.0, commit_max_batch: int = 256):

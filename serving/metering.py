@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from pipeline.batching import load_tokenizer
+from serving.tokenization import load_tokenizer
 
 
 class InputError(Exception):

@@ -1,11 +1,11 @@
 """Prometheus metrics of one endpoint process, on its own registry: requests by status, billed
-tokens and cost, latency, batch size and queue depth. Labels are bounded (route, status class,
+tokens and cost, latency, batch size and queue depth. Labels are bounded (route, status code,
 model); no per-user or per-key labels, which would grow without limit.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 from prometheus_client import (
     CollectorRegistry,
@@ -48,17 +48,18 @@ class Metrics:
 
 def parse_billing_totals(text: str) -> Dict[str, object]:
     """From a /metrics page: this process's instance id and billed totals (for `verify`)."""
-    out: Dict[str, object] = {"instance_id": None, "requests": 0, "input_tokens": 0,
-                              "output_tokens": 0, "cost_micro": 0}
+    instance_id: Optional[str] = None
+    totals: Dict[str, int] = {"requests": 0, "input_tokens": 0, "output_tokens": 0,
+                              "cost_micro": 0}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == "tokenmeter_instance_info":
-                out["instance_id"] = s.labels.get("instance_id")
+                instance_id = s.labels.get("instance_id")
             elif s.name == "tokenmeter_billed_requests_total":
-                out["requests"] = int(out["requests"]) + int(s.value)
+                totals["requests"] += int(s.value)
             elif s.name == "tokenmeter_billed_tokens_total":
                 key = "input_tokens" if s.labels.get("direction") == "input" else "output_tokens"
-                out[key] = int(out[key]) + int(s.value)
+                totals[key] += int(s.value)
             elif s.name == "tokenmeter_billed_cost_micro_usd_total":
-                out["cost_micro"] = int(out["cost_micro"]) + int(s.value)
-    return out
+                totals["cost_micro"] += int(s.value)
+    return {"instance_id": instance_id, **totals}

@@ -12,12 +12,11 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 
-from pipeline.batching import bucket_length, default_buckets, pad
-from pipeline.model_dir import (
+from serving.model_dir import (
     CARD_FILE,
     INPUT_NAMES,
     LABELS_FILE,
@@ -25,6 +24,7 @@ from pipeline.model_dir import (
     SIGNATURE,
     TOKENIZER_FILE,
 )
+from serving.tokenization import bucket_length, default_buckets, pad
 
 PredictFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -112,7 +112,9 @@ def load_predict_fn(info: ModelInfo, execution: str) -> PredictFn:
         out = fn(tf.constant(ids, tf.int32), tf.constant(mask, tf.int32))
         return out.numpy()
 
-    predict.keep_alive = loaded  # the signature needs its object graph alive
+    # The signature needs its object graph alive. (mypy does not model attributes set on a
+    # function: python/mypy#2087.)
+    predict.keep_alive = loaded  # type: ignore[attr-defined]
     return predict
 
 
@@ -199,7 +201,8 @@ class MicroBatcher:
                 for (j, r), p in zip(chunk, probs):
                     outputs[j][r] = p
         for job, out in zip(jobs, outputs):
-            job.future.set_result(np.stack(out))
+            # Every (job, row) is in exactly one chunk above, so no slot is still None.
+            job.future.set_result(np.stack(cast(List[np.ndarray], out)))
 
     def _loop(self) -> None:
         while True:

@@ -28,8 +28,9 @@ NSS_WRAPPER = "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so"
 USER_UID = 54321
 PRIVSEP_DIR = Path("/run/sshd")
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="sshd must run as root to switch to the login user")
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: sshd must run as root "
+                                                           "to switch to the login user")]
 
 
 def derived_config(port: int, state: Path) -> str:
@@ -142,7 +143,6 @@ def sshd_server(request):
         proc.log_path = base / "sshd.log"
         wait_until(lambda: port_open(port), proc, "sshd", deadline_s=30)
         server = Server(port, base, env, config)
-        server.pid, server.expected_uid = proc.pid, (USER_UID if as_user else 0)
         yield server
     finally:
         if proc is not None:
@@ -153,16 +153,24 @@ def sshd_server(request):
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_daemon_runs_as_the_intended_user(sshd_server):
-    status = Path(f"/proc/{sshd_server.pid}/status").read_text()
-    real_uid = int(next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1])
-    assert real_uid == sshd_server.expected_uid
+def passwd_ids(server: Server, user: str) -> List[str]:
+    """uid and gid of `user` in the user database sshd was given (nss_wrapper's passwd)."""
+    for line in Path(server.env["NSS_WRAPPER_PASSWD"]).read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == user:
+            return fields[2:4]
+    raise AssertionError(f"{user} is not in {server.env['NSS_WRAPPER_PASSWD']}")
 
 
 def test_authorized_key_logs_in_as_the_user(sshd_server):
-    result = sshd_server.ssh("tokenmeter", sshd_server.user_key)
+    # The uid and gid the session runs with are the server's doing: it looked `tokenmeter` up
+    # in its user database and switched to that account (as root), or refused to let anyone
+    # else in (as the user itself); either way never root's.
+    result = sshd_server.ssh("tokenmeter", sshd_server.user_key, command="id -u; id -g")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(USER_UID)
+    session = result.stdout.split()
+    assert session == passwd_ids(sshd_server, "tokenmeter")
+    assert session[0] != passwd_ids(sshd_server, "root")[0] and session[0] != "0"
 
 
 def test_unknown_key_is_refused(sshd_server):

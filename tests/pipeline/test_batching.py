@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import batching
+from serving import tokenization
 
 
 def _ids(n: int, seed: int = 0):
@@ -41,7 +42,7 @@ def test_shuffle_is_seeded_and_inference_order_is_by_length():
 
 
 def test_default_buckets_end_at_max_length():
-    assert batching.default_buckets(256) == [32, 64, 128, 256]
-    assert batching.default_buckets(100) == [32, 64, 100]
-    assert batching.bucket_length(65, [32, 64, 128]) == 128
-    assert batching.bucket_length(500, [32, 64, 128]) == 128  # truncated upstream
+    assert tokenization.default_buckets(256) == [32, 64, 128, 256]
+    assert tokenization.default_buckets(100) == [32, 64, 100]
+    assert tokenization.bucket_length(65, [32, 64, 128]) == 128
+    assert tokenization.bucket_length(500, [32, 64, 128]) == 128  # truncated upstream

@@ -13,14 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pipeline import paths
-from pipeline.model_dir import INPUT_NAMES, OUTPUT_NAME, SIGNATURE
+from serving.model_dir import INPUT_NAMES, OUTPUT_NAME, SIGNATURE
 from tests.conftest import dvc, run_stage
 
 pytestmark = pytest.mark.slow
 
 MODEL = Path("models/sentiment/1")
+
+
+def _params(ws: Path) -> dict:
+    """The workspace's params.yaml: the defaults merged with the smoke profile."""
+    return yaml.safe_load((ws / "params.yaml").read_text(encoding="utf-8"))
 
 
 def _rows(ws: Path, split: str):
@@ -37,7 +43,8 @@ def test_splits_are_disjoint_and_labels_never_conflict(smoke_ws):
             assert r["text"] not in seen, f"text in both {seen.get(r['text'])} and {split}"
             seen[r["text"]] = split
     report = json.loads((smoke_ws / "metrics/prepare.json").read_text())
-    assert sum(report["splits"][s]["count"] for s in paths.SPLITS) == len(seen) == 2000
+    assert sum(report["splits"][s]["count"] for s in paths.SPLITS) == len(seen) == \
+        _params(smoke_ws)["prepare"]["max_texts"]
     assert report["cleaning"]["conflicting_dropped"] > 0  # the real corpus has some
 
 
@@ -89,7 +96,7 @@ def test_exported_signature_and_keras_parity(smoke_ws):
 
     card = json.loads((smoke_ws / MODEL / "model_card.json").read_text())
     assert card["exported_with"]["tensorflow"] == tf.__version__
-    assert card["max_input_tokens"] == 64
+    assert card["max_input_tokens"] == _params(smoke_ws)["train"]["max_length"]
     assert set(card["hashes"]) >= {"data/train", "data/test", "vocab.txt"}
 
 
@@ -185,9 +192,11 @@ def test_training_is_an_mlflow_run_with_params_metrics_and_artifacts(smoke_ws):
     runs = client.search_runs([experiment.experiment_id])
     assert runs, "no MLflow run recorded"
     run = runs[0]
-    assert run.data.params["train.epochs"] == "4" and run.data.params["train.init"] == "scratch"
+    epochs = _params(smoke_ws)["train"]["epochs"]
+    assert run.data.params["train.epochs"] == str(epochs)
+    assert run.data.params["train.init"] == "scratch"
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
-    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert [m.step for m in history] == list(range(1, epochs + 1))
     rows = list(csv.DictReader((smoke_ws / "metrics/train_history.csv").open()))
     assert [float(r["val_accuracy"]) for r in rows] == [m.value for m in history]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -1,6 +1,8 @@
-"""Fixtures for the endpoint tests: the smoke model, a real uvicorn server in a subprocess on a
-free loopback port, keys made with the real CLI, and a fresh PostgreSQL database per test
-(skipped, saying why, when no server is available)."""
+"""Fixtures for the endpoint tests: the smoke model (or TOKENMETER_TEST_MODEL_DIR) and what the
+tests need to know about it, read from its own files; a real uvicorn server in a subprocess on a
+free loopback port; keys made with the real CLI; and a fresh PostgreSQL database per test for
+the tests marked `postgres` (skipped at collection, saying so, when TOKENMETER_TEST_PG_DSN is
+empty)."""
 
 from __future__ import annotations
 
@@ -11,14 +13,31 @@ import socket
 import subprocess
 import sys
 import time
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import httpx
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_ENV = "TOKENMETER_TEST_PG_DSN"
+PG_MISSING = (f"needs PostgreSQL: {PG_ENV} is empty; scripts/test starts one "
+              "(TOKENMETER_TEST_PG_DSN=$(bash scripts/postgres.sh))")
+PRICING_FILE = ROOT / "serving" / "pricing.yaml"  # what `serve` reads unless told otherwise
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `postgres` are skipped, saying what is missing, when no server is given.
+    (This hook sees every collected item, so it also covers tests/pipeline's postgres test
+    when both folders run together; that test also carries its own skipif for runs alone.)"""
+    if os.environ.get(PG_ENV):
+        return
+    skip = pytest.mark.skip(reason=PG_MISSING)
+    for item in items:
+        if item.get_closest_marker("postgres"):
+            item.add_marker(skip)
 
 
 def free_port() -> int:
@@ -115,32 +134,101 @@ def model_dir(request) -> Path:
     return request.getfixturevalue("smoke_ws") / "models" / "sentiment" / "1"
 
 
-def _pg_admin_dsn() -> str:
-    dsn = os.environ.get(PG_ENV, "")
-    if not dsn:
-        pytest.skip(f"{PG_ENV} is not set: no PostgreSQL server (scripts/test starts one with "
-                    "scripts/postgres.sh)")
-    try:
-        import psycopg
-
-        with psycopg.connect(dsn, connect_timeout=5):
-            pass
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL at {PG_ENV} is not reachable: {exc}")
-    return dsn
-
-
 @pytest.fixture
-def pg_dsn():
-    """A fresh, empty database on the test server; dropped afterwards."""
+def pg_dsn(request):
+    """A fresh, empty database on the test server; dropped afterwards. Only for tests marked
+    `postgres` (the mark is what skips them where no server is given); a server that is given
+    but unreachable is an error, not a skip."""
     import psycopg
     from psycopg import sql
 
-    admin = _pg_admin_dsn()
+    assert request.node.get_closest_marker("postgres"), \
+        f"{request.node.nodeid} uses pg_dsn: mark it (or its parameter) pytest.mark.postgres"
+    admin = os.environ.get(PG_ENV, "")
+    assert admin, PG_MISSING  # the collection hook skipped it otherwise
     name = "tm_" + secrets.token_hex(6)
-    with psycopg.connect(admin, autocommit=True) as conn:
+    with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     yield admin.rsplit("/", 1)[0] + "/" + name
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
                      .format(sql.Identifier(name)))
+
+
+class ModelFacts:
+    """What the endpoint tests expect of the model under test, read from its own files
+    (model_card.json, labels.json, tokenizer.json) and the pricing file with plain json, yaml
+    and `tokenizers` (never through serving's code), so no figure is tied to the smoke model:
+    TOKENMETER_TEST_MODEL_DIR may point at any exported model."""
+
+    def __init__(self, model_dir: Path, pricing_file: Path = PRICING_FILE):
+        from tokenizers import Tokenizer
+
+        card = json.loads((model_dir / "model_card.json").read_text(encoding="utf-8"))
+        self.name, self.version = str(card["name"]), str(card["version"])
+        self.max_tokens = int(card["max_input_tokens"])
+        labels = json.loads((model_dir / "labels.json").read_text(encoding="utf-8"))
+        self.labels = [str(v) for _, v in sorted(labels.items(), key=lambda kv: int(kv[0]))]
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        prices = yaml.safe_load(pricing_file.read_text(encoding="utf-8"))
+        model_price = prices["models"][self.name]
+        self.currency = str(prices.get("currency", "USD"))
+        self.input_price = Decimal(str(model_price["input_per_1k"]))
+        self.output_price = Decimal(str(model_price["output_per_1k"]))
+
+    def input_tokens(self, texts: Sequence[str]) -> int:
+        """[CLS] and [SEP] included, summed over the texts (README "Metering")."""
+        return sum(len(self.tokenizer.encode(t).ids) for t in texts)
+
+    def output_tokens(self, labels: Sequence[str]) -> int:
+        """The label texts' tokens without special tokens, summed."""
+        return sum(len(self.tokenizer.encode(lb, add_special_tokens=False).ids)
+                   for lb in labels)
+
+    @property
+    def max_output_tokens(self) -> int:
+        return max(self.output_tokens([lb]) for lb in self.labels)
+
+    @staticmethod
+    def side_micro(tokens: int, price_per_1k: Decimal) -> int:
+        """README's rule: tokens x price / 1000 in USD, half-up to a whole micro-USD."""
+        usd = Decimal(tokens) * price_per_1k / 1000
+        return int((usd * 1_000_000).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+    def cost_micro(self, input_tokens: int, output_tokens: int) -> int:
+        return (self.side_micro(input_tokens, self.input_price)
+                + self.side_micro(output_tokens, self.output_price))
+
+    def too_long_text(self, extra: int = 10) -> str:
+        """A text of more than max_input_tokens + `extra` tokens."""
+        unit = "好评"
+        text = unit
+        while len(self.tokenizer.encode(text).ids) <= self.max_tokens + extra:
+            text += unit
+        return text
+
+
+# Short texts of both sentiments, for priciest_text() to choose from.
+CANDIDATES = ["好", "差", "很好", "很差", "好评", "差评", "非常满意", "太差了，退货"]
+
+
+def priciest_text(url: str, key: str, facts: ModelFacts):
+    """A short text that the model under test answers with its longest label, and what it
+    costs (micro-USD). For such a text, what admission reserves (input + the longest label)
+    is exactly what is billed, so a budget of N times its cost admits exactly N requests,
+    however they interleave. The labels come from real answers to `key`."""
+    for text in CANDIDATES:
+        r = httpx.post(url + "/v1/analyze", json={"text": text}, timeout=60,
+                       headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        out = facts.output_tokens([r.json()["results"][0]["label"]])
+        if out == facts.max_output_tokens:
+            return text, facts.cost_micro(facts.input_tokens([text]), out)
+    raise AssertionError(f"the model gives none of {CANDIDATES} its longest label")
+
+
+@pytest.fixture(scope="session")
+def facts(model_dir) -> ModelFacts:
+    return ModelFacts(model_dir)

@@ -1,6 +1,7 @@
 """The metered endpoint for real: `python -m serving serve` under uvicorn on a loopback port,
-the smoke model, a SQLite ledger file, keys made with the CLI. Every 2xx must be billed exactly
-as answered; every error must have its status and code and write nothing."""
+the smoke model (or TOKENMETER_TEST_MODEL_DIR), a SQLite ledger file, keys made with the CLI.
+Every 2xx must be billed exactly as answered; every error must have its status and code and
+write nothing. Token counts, prices and limits come from the model's own files (`facts`)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,17 @@ import asyncio
 import json
 import sqlite3
 from decimal import Decimal
-from pathlib import Path
 from typing import Dict, List
 
 import httpx
 import pytest
-from tokenizers import Tokenizer
 
-from tests.serving.conftest import Server, cli, make_key
+from tests.serving.conftest import ModelFacts, Server, cli, make_key, priciest_text
 
 pytestmark = pytest.mark.slow
 
 MAX_TEXTS = 4
 MAX_BODY = 4096
-PRICE = Decimal("0.002")  # serving/pricing.yaml, both sides
 
 
 @pytest.fixture(scope="module")
@@ -53,39 +51,36 @@ def post(server: Server, key: str, body, headers: Dict[str, str] = None) -> http
     return httpx.post(server.url + "/v1/analyze", json=body, headers=h, timeout=60)
 
 
-def independent_counts(model_dir: Path, texts: List[str], labels: List[str]):
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tok.no_truncation()
-    tok.no_padding()
-    inp = sum(len(tok.encode(t).ids) for t in texts)
-    out = sum(len(tok.encode(lb, add_special_tokens=False).ids) for lb in labels)
-    return inp, out
+def usd(micro: int) -> Decimal:
+    return Decimal(micro) / 10 ** 6
 
 
-def micro(tokens: int) -> Decimal:
-    from decimal import ROUND_HALF_UP
+def priciest(env: Server, facts: ModelFacts):
+    """A text whose answer costs what admission reserves, and that cost in micro-USD (labels
+    asked of the server on a throw-away key; counts and prices from the model's files)."""
+    return priciest_text(env.url, make_key(env.ledger, "u-probe"), facts)
 
-    return (Decimal(tokens) * PRICE / 1000).quantize(Decimal("0.000001"), ROUND_HALF_UP)
 
-
-def test_answer_usage_ledger_and_usage_endpoint_agree(env, model_dir):
+def test_answer_usage_ledger_and_usage_endpoint_agree(env, facts):
     key = make_key(env.ledger, "u-agree")
     texts = ["这个手机很好用，电池也耐用", "Terrible battery, never again", "好评 😀👍 great",
              "  质量一般  "]
     r = post(env, key, {"texts": texts})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == "sentiment" and body["model_version"] == "1"
+    assert body["model"] == facts.name and body["model_version"] == facts.version
     assert [set(x) for x in body["results"]] == [{"label", "score"}] * 4
     labels = [x["label"] for x in body["results"]]
-    assert set(labels) <= {"negative", "positive"}
-    inp, out = independent_counts(model_dir, texts, labels)
+    assert set(labels) <= set(facts.labels)
+    inp, out = facts.input_tokens(texts), facts.output_tokens(labels)
     assert body["usage"] == {"input_tokens": inp, "output_tokens": out,
                              "total_tokens": inp + out}
     cost = body["cost"]
-    assert cost["currency"] == "USD"
-    assert Decimal(cost["input"]) == micro(inp) and Decimal(cost["output"]) == micro(out)
-    assert Decimal(cost["total"]) == micro(inp) + micro(out)
+    assert cost["currency"] == facts.currency
+    in_micro = facts.side_micro(inp, facts.input_price)
+    out_micro = facts.side_micro(out, facts.output_price)
+    assert (cost["input"], cost["output"], cost["total"]) == \
+        (f"{usd(in_micro):.6f}", f"{usd(out_micro):.6f}", f"{usd(in_micro + out_micro):.6f}")
 
     second = post(env, key, {"text": "一般般"})
     assert second.status_code == 200
@@ -106,7 +101,7 @@ def test_answer_usage_ledger_and_usage_endpoint_agree(env, model_dir):
     assert Decimal(u["total"]["cost"]["total"]) == \
         Decimal(cost["total"]) + Decimal(b2["cost"]["total"])
     [day] = u["data"]
-    assert day["model"] == "sentiment" and day["requests"] == 2
+    assert day["model"] == facts.name and day["requests"] == 2
 
     billed = [e for e in env.billing_lines() if e["id"] in (body["id"], b2["id"])]
     assert len(billed) == 2 and billed[0]["input_tokens"] == inp
@@ -131,7 +126,6 @@ BAD = [
     (b'{"text": "ok", "texts": ["ok"]}', 400, "ambiguous_input"),
     (b'{"text": "ok", "user": "someone-else"}', 400, "unknown_field"),
     (b'{"text": "ok", "truncate": "yes"}', 400, "invalid_truncate"),
-    (json.dumps({"text": "好" * 100}).encode(), 413, "input_too_long"),
 ]
 
 
@@ -145,6 +139,19 @@ def test_bad_input_gets_its_error_and_is_not_billed(env, body, status, code):
     assert err["code"] == code and err["type"] and err["message"]
     assert "Traceback" not in r.text
     assert key_rows(env, "u-bad") == before
+
+
+def test_a_text_over_the_model_maximum_gets_413_and_is_not_billed(env, facts):
+    key = make_key(env.ledger, "u-long")
+    text = facts.too_long_text()
+    body = json.dumps({"text": text}, ensure_ascii=False).encode()
+    assert len(body) <= MAX_BODY  # refused for its tokens, not its size
+    r = post(env, key, body, {"Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "input_too_long" and str(facts.max_tokens) in err["message"]
+    assert str(facts.input_tokens([text])) in err["message"]
+    assert key_rows(env, "u-long") == 0
 
 
 def test_keys_missing_unknown_revoked_get_401(env):
@@ -162,15 +169,15 @@ def test_keys_missing_unknown_revoked_get_401(env):
     assert key_rows(env, "u-revoke") == 1
 
 
-def test_truncate_bills_the_truncated_count(env, model_dir):
+def test_truncate_bills_the_truncated_count(env, facts):
     key = make_key(env.ledger, "u-trunc")
-    r = post(env, key, {"text": "好" * 100, "truncate": True})
+    body = json.dumps({"text": facts.too_long_text(), "truncate": True}, ensure_ascii=False)
+    r = post(env, key, body.encode(), {"Content-Type": "application/json"})
     assert r.status_code == 200, r.text
-    max_tokens = json.loads((model_dir / "model_card.json").read_text())["max_input_tokens"]
-    assert r.json()["usage"]["input_tokens"] == max_tokens
+    assert r.json()["usage"]["input_tokens"] == facts.max_tokens
     [(billed,)] = rows(env.ledger, "SELECT input_tokens FROM billing_events WHERE id = ?",
                        (r.json()["id"],))
-    assert billed == max_tokens
+    assert billed == facts.max_tokens
 
 
 def test_idempotency_key_retry_returns_the_same_body_and_bills_once(env):
@@ -195,12 +202,10 @@ async def _burst(url: str, key: str, n: int, body) -> List[httpx.Response]:
                         headers={"Authorization": f"Bearer {key}"}) for _ in range(n)])
 
 
-def test_50_concurrent_requests_at_a_budget_edge_never_overspend(env, model_dir):
-    one_in, one_out = independent_counts(model_dir, ["好"], ["positive"])
-    per = micro(one_in) + micro(one_out)
-    budget = per * 10
-    key = make_key(env.ledger, "u-budget", "--budget-usd", str(budget))
-    responses = asyncio.run(_burst(env.url, key, 50, {"text": "好"}))
+def test_50_concurrent_requests_at_a_budget_edge_never_overspend(env, facts):
+    text, per = priciest(env, facts)
+    key = make_key(env.ledger, "u-budget", "--budget-usd", f"{usd(10 * per):.6f}")
+    responses = asyncio.run(_burst(env.url, key, 50, {"text": text}))
     codes = [r.status_code for r in responses]
     assert codes.count(200) == 10, codes
     assert codes.count(429) == 40
@@ -208,23 +213,22 @@ def test_50_concurrent_requests_at_a_budget_edge_never_overspend(env, model_dir)
                for r in responses if r.status_code == 429)
     [(n, spent)] = rows(env.ledger, "SELECT COUNT(*), SUM(cost_micro) FROM billing_events "
                                     "WHERE user_id = 'u-budget'")
-    assert n == 10 and Decimal(spent) / 10 ** 6 == budget
+    assert n == 10 and spent == 10 * per
     ok_ids = {r.json()["id"] for r in responses if r.status_code == 200}
     assert ok_ids == {i for (i,) in rows(env.ledger, "SELECT id FROM billing_events "
                                                      "WHERE user_id = 'u-budget'")}
 
 
-def test_a_user_budget_caps_all_of_the_users_keys(env, model_dir):
-    one_in, one_out = independent_counts(model_dir, ["好"], ["positive"])
-    per = micro(one_in) + micro(one_out)
-    cli(env.ledger, "users", "budget", "--user", "u-ub", "--budget-usd", str(per * 3))
+def test_a_user_budget_caps_all_of_the_users_keys(env, facts):
+    text, per = priciest(env, facts)
+    cli(env.ledger, "users", "budget", "--user", "u-ub", "--budget-usd", f"{usd(3 * per):.6f}")
     keys = [make_key(env.ledger, "u-ub"), make_key(env.ledger, "u-ub")]
-    codes = [post(env, keys[i % 2], {"text": "好"}).status_code for i in range(5)]
+    codes = [post(env, keys[i % 2], {"text": text}).status_code for i in range(5)]
     assert codes == [200, 200, 200, 429, 429]
     assert key_rows(env, "u-ub") == 3
 
 
-def test_rpm_and_tpm_limits_answer_429_with_retry_after(env):
+def test_rpm_and_tpm_limits_answer_429_with_retry_after(env, facts):
     key = make_key(env.ledger, "u-rpm", "--rpm", "2")
     codes = [post(env, key, {"text": "好"}).status_code for _ in range(2)]
     r = post(env, key, {"text": "好"})
@@ -233,7 +237,9 @@ def test_rpm_and_tpm_limits_answer_429_with_retry_after(env):
     assert int(r.headers["retry-after"]) >= 1
     assert key_rows(env, "u-rpm") == 2
 
-    key = make_key(env.ledger, "u-tpm", "--tpm", "25")  # "好" reserves 3 + 8 = 11 tokens
+    # A request reserves its input tokens and the longest label's tokens: room for two "好".
+    reserve = facts.input_tokens(["好"]) + facts.max_output_tokens
+    key = make_key(env.ledger, "u-tpm", "--tpm", str(2 * reserve + reserve // 2))
     codes = [post(env, key, {"text": "好"}).status_code for _ in range(2)]
     r = post(env, key, {"text": "好"})
     assert codes == [200, 200] and r.status_code == 429
@@ -285,14 +291,23 @@ def test_metrics_match_the_ledger_and_verify_reports_zero_drift(env):
 
 
 def test_report_cli_prints_per_user_totals(env):
-    out = json.loads(cli(env.ledger, "report", "--format", "json").stdout)
-    by_user = {u["user"]: u for u in out["users"]}
-    [(n, inp, cost)] = rows(env.ledger, "SELECT COUNT(*), SUM(input_tokens), SUM(cost_micro) "
-                                        "FROM billing_events WHERE user_id = 'u-idem'")
-    assert by_user["u-idem"]["requests"] == n
-    assert by_user["u-idem"]["input_tokens"] == inp
-    assert Decimal(by_user["u-idem"]["cost_usd"]) * 10 ** 6 == cost
+    # Its own rows: three answers to two keys of one user, and what they said they cost.
+    keys = [make_key(env.ledger, "u-report"), make_key(env.ledger, "u-report")]
+    answers = [post(env, keys[0], {"texts": ["好", "差评"]}), post(env, keys[1], {"text": "一般"}),
+               post(env, keys[0], {"text": "物流很快，质量不错"})]
+    assert [a.status_code for a in answers] == [200] * 3
+    usage = [a.json()["usage"] for a in answers]
+    inp = sum(u["input_tokens"] for u in usage)
+    out = sum(u["output_tokens"] for u in usage)
+    cost = sum(Decimal(a.json()["cost"]["total"]) for a in answers)
+
+    out_json = json.loads(cli(env.ledger, "report", "--format", "json").stdout)
+    [mine] = [u for u in out_json["users"] if u["user"] == "u-report"]
+    assert mine == {"user": "u-report", "requests": 3, "input_tokens": inp,
+                    "output_tokens": out, "total_tokens": inp + out, "cost_usd": f"{cost:.6f}"}
     csv_out = cli(env.ledger, "report", "--format", "csv").stdout.splitlines()
     assert csv_out[0] == "user,requests,input_tokens,output_tokens,total_tokens,cost_usd"
-    assert any(line.startswith("u-idem,") for line in csv_out)
-    assert "u-idem" in cli(env.ledger, "report").stdout
+    assert f"u-report,3,{inp},{out},{inp + out},{cost:.6f}" in csv_out
+    text = cli(env.ledger, "report").stdout
+    [line] = [ln for ln in text.splitlines() if "u-report" in ln]
+    assert f"{cost:.6f}" in line and str(inp + out) in line

@@ -1,14 +1,17 @@
-"""The ledger on real databases: SQLite files and (when available) PostgreSQL — migrations,
-billing rows, Idempotency-Key uniqueness, and budgets that concurrent writers cannot overspend."""
+"""The ledger on real databases: SQLite files and PostgreSQL (the `postgres`-marked parameter,
+skipped where TOKENMETER_TEST_PG_DSN is empty) — migrations, billing rows, Idempotency-Key
+uniqueness, budgets that concurrent writers cannot overspend, and keys stored only as hashes."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
-from serving.keys import create_key
+from serving.keys import AuthError, authenticate, create_key, hash_key
 from serving.ledger import (
     MIGRATIONS,
     BillingEvent,
@@ -19,7 +22,7 @@ from serving.ledger import (
 )
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def target(request, tmp_path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "ledger.sqlite3")
@@ -116,15 +119,55 @@ def test_token_budget_is_enforced(target):
 
 def test_revoked_keys_and_listing(target):
     ledger = open_ledger(target)
-    key, plaintext = create_key(ledger, "alice", rpm=5)
+    key, _ = create_key(ledger, "alice", rpm=5)
     assert ledger.revoke_key(key.id) is True
     assert ledger.revoke_key(key.id) is False
     [listed] = ledger.list_keys()
     assert listed.revoked_at is not None and listed.rpm == 5
-    assert plaintext not in repr(listed)
     ledger.close()
 
 
+def stored_text(target: str) -> str:
+    """Everything the database holds, as text: the SQLite files' raw bytes (database, WAL and
+    shared memory), or every row of every table of the PostgreSQL database."""
+    if "://" not in target:
+        files = sorted(Path(target).parent.glob(Path(target).name + "*"))
+        assert files
+        return b"".join(f.read_bytes() for f in files).decode("latin-1")
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(target) as conn:
+        tables = [t for (t,) in conn.execute(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = current_schema()")]
+        assert "api_keys" in tables
+        return "\n".join(str(row) for t in tables for row in conn.execute(
+            sql.SQL("SELECT t::text FROM {} t").format(sql.Identifier(t))))
+
+
+def test_a_plaintext_key_is_stored_and_logged_nowhere(target, caplog):
+    """The whole life of a key (create, authenticate, bill, revoke, refuse): only its sha256
+    reaches the database or the log; the plaintext appears in neither."""
+    caplog.set_level(logging.DEBUG)
+    ledger = open_ledger(target)
+    ledger.start()
+    key, plaintext = create_key(ledger, "alice", budget_micro_usd=10 ** 6)
+    assert authenticate(ledger, f"Bearer {plaintext}").id == key.id
+    assert commit(ledger, event(key), key).status == "billed"
+    ledger.revoke_key(key.id)
+    with pytest.raises(AuthError) as refused:
+        authenticate(ledger, f"Bearer {plaintext}")
+    ledger.close()
+    assert refused.value.code == "revoked_api_key" and plaintext not in str(refused.value)
+    stored = stored_text(target)
+    assert hash_key(plaintext) in stored and key.id in stored  # the scan does see the rows
+    assert plaintext not in stored
+    assert plaintext[len(key.prefix):] not in stored  # not even the part after the prefix
+    assert plaintext not in caplog.text
+
+
+@pytest.mark.postgres
 def test_writer_recovers_after_losing_its_postgres_connection(pg_dsn):
     import psycopg
 

@@ -1,9 +1,11 @@
-"""Overload: with a one-slot model queue, a burst gets 200s and 503s (with Retry-After and the
-error contract), and only the 200s are billed."""
+"""Overload: with a one-slot model queue, one row per model call and heavy requests, a burst must
+overflow the queue: some requests get 503 `overloaded` (with Retry-After and the error
+contract), and only the 200s are billed."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 
 import httpx
@@ -13,33 +15,45 @@ from tests.serving.conftest import Server, make_key
 
 pytestmark = pytest.mark.slow
 
+BURST = 48
+TEXTS = 32  # the default TOKENMETER_MAX_TEXTS
 
-async def _burst(url: str, key: str, n: int):
-    body = {"texts": ["这个产品质量非常好，我很满意，物流也很快，包装完好无损，值得推荐" * 2] * 4,
-            "truncate": True}
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n), timeout=120) as c:
+
+async def _burst(url: str, key: str, body: bytes, n: int):
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n), timeout=300) as c:
         return await asyncio.gather(*[
-            c.post(url + "/v1/analyze", json=body, headers={"Authorization": f"Bearer {key}"})
+            c.post(url + "/v1/analyze", content=body,
+                   headers={"Authorization": f"Bearer {key}",
+                            "Content-Type": "application/json"})
             for _ in range(n)])
 
 
-def test_full_queue_answers_503_and_bills_only_the_200s(model_dir, tmp_path):
+def test_full_queue_answers_503_and_bills_only_the_200s(model_dir, facts, tmp_path):
     ledger = str(tmp_path / "l.sqlite3")
     key = make_key(ledger, "u-busy")
+    # MAX_BATCH=1: each request's 32 texts, cut to the model's maximum length, are 32 model
+    # calls in a row, while the queue holds one waiting request; the other 46 requests of the
+    # burst arrive meanwhile, so the queue cannot take them all.
     server = Server(model_dir, ledger, tmp_path / "s.log",
-                    env={"TOKENMETER_QUEUE_SIZE": "1", "TOKENMETER_MAX_BATCH": "1"}).start()
+                    env={"TOKENMETER_QUEUE_SIZE": "1", "TOKENMETER_MAX_BATCH": "1",
+                         "TOKENMETER_MAX_TEXTS": str(TEXTS)}).start()
+    body = json.dumps({"texts": [facts.too_long_text()] * TEXTS, "truncate": True}).encode()
     try:
-        responses = asyncio.run(_burst(server.url, key, 40))
+        responses = asyncio.run(_burst(server.url, key, body, BURST))
     finally:
         server.stop()
     codes = [r.status_code for r in responses]
-    assert set(codes) <= {200, 503}, codes
-    with sqlite3.connect(ledger) as conn:
-        billed = {i for (i,) in conn.execute("SELECT id FROM billing_events")}
-    assert billed == {r.json()["id"] for r in responses if r.status_code == 200}
+    assert set(codes) == {200, 503}, codes
     busy = [r for r in responses if r.status_code == 503]
-    if not busy:
-        pytest.skip("the burst never filled the one-slot queue on this machine; "
-                    "the batcher's overload unit test covers the refusal")
-    assert all(r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"]
-               for r in busy)
+    for r in busy:
+        assert r.json() == {"error": {"type": "overloaded_error", "code": "overloaded",
+                                      "message": r.json()["error"]["message"]}}
+        assert r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+    answered = {r.json()["id"]: r.json() for r in responses if r.status_code == 200}
+    with sqlite3.connect(ledger) as conn:
+        billed = dict(conn.execute("SELECT id, input_tokens FROM billing_events").fetchall())
+    assert billed == {i: b["usage"]["input_tokens"] for i, b in answered.items()}
+    assert all(n == facts.max_tokens * TEXTS for n in billed.values())  # cut, billed as cut
+    logged = [e["id"] for e in server.billing_lines()]
+    assert sorted(logged) == sorted(answered)

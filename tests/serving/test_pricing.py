@@ -32,9 +32,43 @@ def test_rounding_is_half_up_to_a_micro_usd_per_side():
     assert pricing.cost(q, 5, 5).total_micro == 2
 
 
-def test_amounts_are_integers_not_floats():
-    c = pricing.cost(price("0.002", "0.002"), 7, 9)
-    assert isinstance(c.input_micro, int) and isinstance(c.output_micro, int)
+# (tokens, price per 1K as written in the pricing file, exact micro-USD worked out by hand)
+KNOWN = [
+    (1, "0.0025", 3),  # 2.5 micro: half-up gives 3 (half-even, Python's round(), gives 2)
+    (1, "0.0045", 5),  # 4.5 micro: in floats 0.0045 / 1000 * 1e6 is 4.4999999..., -> 4
+    (3, "0.0025", 8),  # 7.5 micro: in floats 7.4999999...
+    (11, "0.0215", 237),  # 236.5 micro: in floats 236.49999999999997
+    (1, "0.0004999", 0),  # 0.4999 micro: below the half, down
+    (7, "0.00015", 1),  # 1.05 micro
+    (0, "0.002", 0),
+    # 2**53 + 1 micro: an integer a float cannot hold (it would come back as 2**53)
+    (9_007_199_254_740_993, "0.001", 9_007_199_254_740_993),
+]
+
+
+@pytest.mark.parametrize("tokens,per_1k,micro", KNOWN, ids=[f"{t}x{p}" for t, p, _ in KNOWN])
+def test_exact_micro_usd_for_known_inputs(tokens, per_1k, micro):
+    c = pricing.cost(price(per_1k, "0"), tokens, 0)
+    assert (c.input_micro, c.output_micro, c.total_micro) == (micro, 0, micro)
+    assert str(c.total_micro) == str(micro)  # an int, not 5.0 or Decimal('5')
+
+
+def test_six_decimal_strings_are_exact():
+    assert pricing.micro_to_str(0) == "0.000000"
+    assert pricing.micro_to_str(1) == "0.000001"
+    assert pricing.micro_to_str(1_234_567) == "1.234567"
+    assert pricing.micro_to_str(9_007_199_254_740_993) == "9007199254.740993"
+
+
+def test_a_float_price_never_reaches_the_arithmetic(tmp_path):
+    # A float that slipped past the pricing file's check is refused, not silently rounded.
+    with pytest.raises(TypeError):
+        pricing.cost(pricing.Price("m", "USD", 0.0045, Decimal("0")), 1, 0)  # type: ignore
+    f = tmp_path / "p.yaml"
+    f.write_text("currency: USD\nmodels:\n  m: {input_per_1k: '0.0045', output_per_1k: '0.0025'}\n")
+    p = pricing.price_for(f, "m")
+    assert (p.input_per_1k, p.output_per_1k) == (Decimal("0.0045"), Decimal("0.0025"))
+    assert pricing.cost(p, 1, 3) == pricing.Cost(5, 8)  # the quoted strings, read exactly
 
 
 def test_default_pricing_file_prices_the_smoke_model():

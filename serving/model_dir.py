@@ -1,15 +1,15 @@
 """The contract of an exported model directory, models/<name>/<version>/.
 
-File names and signature names that `export` writes and `validate` and the serving
-runner read. Pure constants and one loader; imports neither TF nor transformers.
+File names and signature names that the pipeline's `export` writes (it imports them from
+here) and `validate` and the serving runner read. Pure constants and two readers; imports
+neither TF nor transformers, nor anything of the pipeline.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Dict
-
-from pipeline.io import read_json
+from typing import Any, Dict
 
 SIGNATURE = "serving_default"
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -28,3 +28,7 @@ def read_labels(model_dir: Path) -> Dict[int, str]:
 
 def read_card(model_dir: Path) -> dict:
     return read_json(Path(model_dir) / CARD_FILE)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
