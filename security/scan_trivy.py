@@ -225,7 +225,7 @@ def _export(engine: Engine, image: str, tree: Path) -> str:
     except OSError as exc:
         return f"`{engine.name} export` into tar could not start: {exc}"
     finally:
-        run_tool(engine.cmd("rm", "--force", container), timeout=120)
+        run_tool(engine.cmd("rm", "--force", "--volumes", container), timeout=120)
     if export.timed_out:
         return f"`{engine.name} export` into tar timed out after {ENGINE_TIMEOUT_S} s"
     if export.returncode != 0:

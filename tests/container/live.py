@@ -101,7 +101,7 @@ class Containers:
 
     def cleanup(self) -> None:
         for name in reversed(self.names):
-            subprocess.run(self.engine.cmd("rm", "-f", "-t", "5", name), capture_output=True)
+            subprocess.run(self.engine.cmd("rm", "-f", "-v", "-t", "5", name), capture_output=True)
         for vol in self.volumes:
             subprocess.run(self.engine.cmd("volume", "rm", "-f", vol), capture_output=True)
 
