@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.errors import fail
 from pipeline.params import Train
+from serving.errors import first_line
 
 
 def scratch_config(p: Train, vocab_size: int, num_labels: int, pad_token_id: int = 0):
@@ -34,7 +35,7 @@ def build(p: Train, vocab_size: int, num_labels: int, pad_token_id: int = 0):
         model = TFBertForSequenceClassification.from_pretrained(p.init, num_labels=num_labels)
     except Exception as exc:  # OSError / HTTP / ValueError: all mean "cannot load it"
         fail(f"train.init: cannot load '{p.init}' (use 'scratch', a local TF BERT checkpoint "
-             f"dir, or a hub name with TOKENMETER_ONLINE=1): {str(exc).splitlines()[0][:200]}")
+             f"dir, or a hub name with TOKENMETER_ONLINE=1): {first_line(exc)[:200]}")
     if model.config.vocab_size != vocab_size:
         fail(f"train.init '{p.init}' has a {model.config.vocab_size}-token vocabulary but the "
              f"tokenizer has {vocab_size}; set tokenizer.pretrained to the same checkpoint")

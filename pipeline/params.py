@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import fail
+from serving.errors import first_line
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -202,7 +203,7 @@ def read_yaml(path: Path = PARAMS_FILE) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        fail(f"{path} is not valid YAML: {str(exc).splitlines()[0]}")
+        fail(f"{path} is not valid YAML: {first_line(exc)}")
     if not isinstance(data, dict):
         fail(f"{path} must be a mapping of sections")
     return data

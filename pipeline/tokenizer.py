@@ -21,6 +21,7 @@ from pipeline.io import read_jsonl, write_json
 from pipeline.params import Tokenizer as TokenizerParams
 from pipeline.params import load
 from pipeline.prepare import percentiles
+from serving.errors import first_line
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Files that travel with the model (export copies them; serving loads tokenizer.json).
@@ -122,7 +123,7 @@ def load_pretrained(name: str, out_dir: Path) -> None:
     except Exception as exc:  # OSError, ValueError, HTTP errors: all mean "cannot load it"
         fail(f"tokenizer.pretrained: cannot load '{name}' (not a local tokenizer dir, and the "
              f"hub is unreachable or has no such name; set TOKENMETER_ONLINE=1 for hub access): "
-             f"{str(exc).splitlines()[0][:200]}")
+             f"{first_line(exc)[:200]}")
     fast.save_pretrained(str(out_dir))
 
 

@@ -53,7 +53,11 @@ def bearer_token(authorization: Optional[str]) -> str:
 
 
 def authenticate(ledger: Ledger, authorization: Optional[str]) -> KeyRecord:
-    record = ledger.key_by_hash(hash_key(bearer_token(authorization)))
+    return check_record(ledger.key_by_hash(hash_key(bearer_token(authorization))))
+
+
+def check_record(record: Optional[KeyRecord]) -> KeyRecord:
+    """The record of a key that may be used, or the AuthError saying why not."""
     if record is None:
         raise AuthError("invalid_api_key", "the API key is not valid")
     if record.revoked_at is not None:

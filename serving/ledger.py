@@ -19,6 +19,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
+from serving.errors import first_line
+
 # Budgets left empty are stored as NULL; the conditional UPDATE compares against this.
 NO_LIMIT = 2 ** 62
 
@@ -538,8 +540,8 @@ class PostgresLedger(Ledger):
             # autocommit: we issue BEGIN/COMMIT ourselves, as with SQLite.
             return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
         except psycopg.OperationalError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreachable"
-            raise LedgerError(f"cannot connect to PostgreSQL: {first}") from exc
+            raise LedgerError("cannot connect to PostgreSQL: "
+                              + first_line(exc, "unreachable")) from exc
 
     def _lock_migrations(self, conn) -> None:
         self._exec(conn, "SELECT pg_advisory_xact_lock(727274)")

@@ -6,16 +6,17 @@ It knows nothing about HTTP, keys or money.
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from serving.errors import first_line
 from serving.model_dir import (
     CARD_FILE,
     INPUT_NAMES,
@@ -91,20 +92,21 @@ def load_predict_fn(info: ModelInfo, execution: str) -> PredictFn:
         loaded = tf.saved_model.load(str(info.path))
         sig = loaded.signatures[SIGNATURE]
     except Exception as exc:  # TF raises many types for a broken SavedModel
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelDirError(f"cannot load the SavedModel in {info.path}: {first}; "
+        raise ModelDirError(f"cannot load the SavedModel in {info.path}: {first_line(exc)}; "
                             f"re-run the export stage") from exc
 
     def call(ids, mask):
         return sig(**{INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask})[OUTPUT_NAME]
 
     # A SavedModel holds graphs, not Python: "eager" calls the signature's concrete function
-    # directly (no extra tracing); "graph" wraps it in a tf.function (one trace per bucket
-    # shape); "xla" also compiles each shape with XLA (jit_compile=True).
+    # directly; "graph" wraps it in one tf.function traced once for every shape (the input
+    # signature leaves batch and length open: without it each new batch size retraced, ~0.5 s
+    # each, under load); "xla" also compiles with XLA, once per concrete shape it meets.
+    spec = [tf.TensorSpec([None, None], tf.int32)] * 2
     if execution == "xla":
-        fn = tf.function(call, jit_compile=True)
+        fn = tf.function(call, jit_compile=True, input_signature=spec)
     elif execution == "graph":
-        fn = tf.function(call)
+        fn = tf.function(call, input_signature=spec)
     else:
         fn = call
 
@@ -121,97 +123,135 @@ def load_predict_fn(info: ModelInfo, execution: str) -> PredictFn:
 @dataclass
 class _Job:
     rows: List[List[int]]
+    bucket: int  # the bucket of its longest row: all its rows are padded to it
+    enqueued: float = 0.0
     future: Future = field(default_factory=Future)
 
 
-class MicroBatcher:
-    """Bounded queue -> one worker thread that groups queued jobs into batches.
+# A queued job is never passed over for a fuller bucket for longer than this.
+FAIRNESS_S = 0.05
 
-    A batch is whatever is queued (up to `max_batch` rows), waiting at most `max_wait_s` for
-    more; rows are grouped by length bucket and padded to it, so TF sees few shapes.
+
+class MicroBatcher:
+    """One queue per length bucket -> one worker thread making one model call per batch.
+
+    Each job (a request's rows) waits in the queue of the bucket its longest row pads to, so a
+    model call is one shape and needs no splitting. The worker serves the bucket with the most
+    queued rows (a job waiting longer than FAIRNESS_S goes first), taking up to `max_batch`
+    rows, and answers those jobs as soon as that call returns. It waits up to `max_wait_s` for
+    a batch to fill only when nothing else is queued and requests are arriving faster than that
+    wait (an idle endpoint never waits; a busy one keeps the model working on what is queued).
     """
 
     def __init__(self, predict: PredictFn, buckets: Sequence[int], max_batch: int = 32,
                  max_wait_s: float = 0.002, queue_size: int = 1024,
-                 on_batch: Optional[Callable[[int], None]] = None):
+                 on_batch: Optional[Callable[[int], None]] = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.predict, self.buckets = predict, list(buckets)
-        self.max_batch, self.max_wait_s = max_batch, max_wait_s
-        self.queue: "queue.Queue[Optional[_Job]]" = queue.Queue(maxsize=queue_size)
-        self.on_batch = on_batch
+        self.max_batch, self.max_wait_s, self.queue_size = max_batch, max_wait_s, queue_size
+        self.on_batch, self.clock = on_batch, clock
+        self._queues: Dict[int, Deque[_Job]] = {b: deque() for b in self.buckets}
+        self._rows: Dict[int, int] = {b: 0 for b in self.buckets}
+        self._jobs = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._last_arrival: Optional[float] = None
+        self._gap_s = float("inf")  # moving average of the time between arrivals
         self._thread = threading.Thread(target=self._loop, name="model-runner", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        try:
-            self.queue.put(None, timeout=1)
-        except queue.Full:
-            pass
+        """Answer what is queued, then end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         self._thread.join(timeout=5)
 
     def depth(self) -> int:
-        return self.queue.qsize()
+        return self._jobs
 
     def submit(self, rows: List[List[int]]) -> Future:
-        job = _Job(rows)
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise Overloaded("model queue is full") from None
+        now = self.clock()
+        job = _Job(rows, bucket_length(max(len(r) for r in rows), self.buckets), now)
+        with self._cond:
+            if self._jobs >= self.queue_size:
+                raise Overloaded("model queue is full")
+            self._queues[job.bucket].append(job)
+            self._rows[job.bucket] += len(rows)
+            self._jobs += 1
+            if self._last_arrival is not None:
+                gap = now - self._last_arrival
+                self._gap_s = gap if self._gap_s == float("inf") else 0.8 * self._gap_s + 0.2 * gap
+            self._last_arrival = now
+            self._cond.notify()
         return job.future
 
     def warm_up(self) -> None:
         """Trace every bucket shape once before serving (each new shape costs seconds)."""
         for length in self.buckets:
-            ids, mask = pad([[1] * min(2, length)], length)
-            self.predict(ids, mask)
+            for n in sorted({1, self.max_batch}):
+                ids, mask = pad([[1] * min(2, length)] * n, length)
+                self.predict(ids, mask)
 
-    def _collect(self, first: _Job) -> List[_Job]:
-        jobs, n = [first], len(first.rows)
-        deadline = time.monotonic() + self.max_wait_s
-        while n < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                job = self.queue.get(timeout=remaining) if remaining > 0 else \
-                    self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self.queue.put_nowait(None)  # keep the stop signal for the loop
-                break
-            jobs.append(job)
-            n += len(job.rows)
-        return jobs
+    def _pick(self, now: float) -> int:
+        """The bucket to serve next: an overdue head job's, else the one with most rows."""
+        waiting = [b for b in self.buckets if self._queues[b]]
+        oldest = min(waiting, key=lambda b: self._queues[b][0].enqueued)
+        if now - self._queues[oldest][0].enqueued > FAIRNESS_S:
+            return oldest
+        return max(waiting, key=lambda b: self._rows[b])
 
-    def _run(self, jobs: List[_Job]) -> None:
-        flat = [(j, r) for j, job in enumerate(jobs) for r in range(len(job.rows))]
-        by_bucket: Dict[int, List[Tuple[int, int]]] = {}
-        for j, r in flat:
-            by_bucket.setdefault(bucket_length(len(jobs[j].rows[r]), self.buckets),
-                                 []).append((j, r))
-        outputs: List[List[Optional[np.ndarray]]] = [[None] * len(job.rows) for job in jobs]
-        for length, members in sorted(by_bucket.items()):
-            for i in range(0, len(members), self.max_batch):
-                chunk = members[i: i + self.max_batch]
-                ids, mask = pad([jobs[j].rows[r] for j, r in chunk], length)
-                probs = self.predict(ids, mask)
-                if self.on_batch:
-                    self.on_batch(len(chunk))
-                for (j, r), p in zip(chunk, probs):
-                    outputs[j][r] = p
-        for job, out in zip(jobs, outputs):
-            # Every (job, row) is in exactly one chunk above, so no slot is still None.
-            job.future.set_result(np.stack(cast(List[np.ndarray], out)))
+    def _next(self) -> Optional[Tuple[int, List[_Job]]]:
+        """The next batch (bucket, jobs), or None when stopping with nothing queued."""
+        with self._cond:
+            while self._jobs == 0:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            bucket = self._pick(self.clock())
+            deadline = self.clock() + self.max_wait_s
+            while (self._rows[bucket] < self.max_batch and self._jobs == len(
+                    self._queues[bucket]) and self._gap_s < self.max_wait_s
+                   and not self._stopping):
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            queue, n = self._queues[bucket], 0
+            jobs: List[_Job] = []
+            while queue and (not jobs or n + len(queue[0].rows) <= self.max_batch):
+                job = queue.popleft()
+                jobs.append(job)
+                n += len(job.rows)
+            self._rows[bucket] -= n
+            self._jobs -= len(jobs)
+            return bucket, jobs
+
+    def _run(self, length: int, jobs: List[_Job]) -> None:
+        rows = [r for job in jobs for r in job.rows]
+        outputs = []
+        # One call, unless a single job has more rows than max_batch (MAX_TEXTS > MAX_BATCH).
+        for i in range(0, len(rows), self.max_batch):
+            ids, mask = pad(rows[i: i + self.max_batch], length)
+            outputs.append(self.predict(ids, mask))
+            if self.on_batch:
+                self.on_batch(len(ids))
+        probs = np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+        start = 0
+        for job in jobs:
+            job.future.set_result(probs[start: start + len(job.rows)])
+            start += len(job.rows)
 
     def _loop(self) -> None:
         while True:
-            first = self.queue.get()
-            if first is None:
+            batch = self._next()
+            if batch is None:
                 return
-            jobs = self._collect(first)
+            bucket, jobs = batch
             try:
-                self._run(jobs)
+                self._run(bucket, jobs)
             except Exception as exc:  # a failed batch fails its requests, not the worker
                 for job in jobs:
                     if not job.future.done():
@@ -238,6 +278,14 @@ class ModelRunner:
 
     def submit(self, rows: List[List[int]]) -> Future:
         return self.batcher.submit(rows)
+
+    def depth(self) -> int:
+        """Jobs waiting for the model."""
+        return self.batcher.depth()
+
+    def set_batch_hook(self, hook: Optional[Callable[[int], None]]) -> None:
+        """Call `hook(rows)` after every model call (e.g. a batch-size histogram)."""
+        self.batcher.on_batch = hook
 
     def stop(self) -> None:
         self.ready = False

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     commit_wait_ms: float = Field(0.0, ge=0)
     commit_max_batch: int = Field(256, ge=1)
 
+    # How long a key record and a month-to-date spend figure are reused without asking the
+    # ledger (0: always ask). A key revoked in the database is refused at most this late.
+    key_cache_s: float = Field(5.0, ge=0)
+
     # Defaults for keys created without their own limits (0 = unlimited).
     default_rpm: int = Field(0, ge=0)
     default_tpm: int = Field(0, ge=0)

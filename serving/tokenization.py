@@ -7,7 +7,7 @@ Padding to a few bucket lengths keeps the number of distinct shapes TF traces sm
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -30,6 +30,17 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
         if n <= b:
             return b
     return buckets[-1]
+
+
+def group_by_bucket(lengths: Sequence[int], buckets: Sequence[int]
+                    ) -> List[Tuple[int, List[int]]]:
+    """Row indices grouped by the bucket their length pads to, shortest bucket first; rows keep
+    their order within a bucket. How the endpoint's batcher (and the benchmark's replay of its
+    policy) cuts one collected batch into model calls of one shape each."""
+    groups: Dict[int, List[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(bucket_length(n, buckets), []).append(i)
+    return sorted(groups.items())
 
 
 def pad(ids: Sequence[Sequence[int]], length: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,25 @@ def _container_engine_problem() -> str:
     return ""
 
 
+def _index_problem() -> str:
+    """Why the `network` tests cannot run here ('' when the package index answers)."""
+    index = os.environ.get("TOKENMETER_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    req = urllib.request.Request(f"{index}/pip/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        urllib.request.urlopen(req, timeout=30).close()  # noqa: S310 (the index URL)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"package index {index} unreachable ({exc})"
+    return ""
+
+
 def pytest_collection_modifyitems(config, items):
+    online = [item for item in items if item.get_closest_marker("network")]
+    problem = _index_problem() if online else ""
+    if problem:
+        skip = pytest.mark.skip(reason=f"needs the package index: {problem}")
+        for item in online:
+            item.add_marker(skip)
     marked = [item for item in items if item.get_closest_marker("container")]
     if not marked:
         return

@@ -1,5 +1,6 @@
 """Helpers for the container tests: paths into docker/, free loopback ports, and servers
-started in their own process group and always stopped (with every child) after the test.
+started in their own process group and always stopped (with every child) after the test, with
+the project's one process helper (pipeline.benchmark.process).
 
 No Docker engine is used: each part of the image is checked with the real program it runs.
 """
@@ -8,24 +9,24 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
 
+from pipeline.benchmark.process import (
+    ProcessError,
+    read_log,
+    start_group,
+    stop_group,
+    wait_ready,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need_binary(name: str, package: str, path: Optional[str] = None) -> str:
@@ -39,42 +40,18 @@ def need_binary(name: str, package: str, path: Optional[str] = None) -> str:
     return found
 
 
-def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left of it, and reap the leader."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        # The leader may be gone while members (forked children) still run.
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=grace_s)
-
-
 def output(proc: subprocess.Popen) -> str:
     """What a process started by `spawn` wrote so far (stdout and stderr together)."""
-    log = getattr(proc, "log_path", None)
-    return Path(log).read_text(errors="replace") if log else ""
+    return read_log(getattr(proc, "log_path", None))
 
 
 def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str,
                deadline_s: float = 60.0) -> None:
     """Poll `ready` until true; fail early with the output if the process died."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited {proc.returncode} before it was ready:\n"
-                        f"{output(proc)[-3000:]}")
-        if ready():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"{what} not ready after {deadline_s:.0f} s:\n{output(proc)[-3000:]}")
+    try:
+        wait_ready(proc, ready, deadline_s, what, getattr(proc, "log_path", None), poll_s=0.2)
+    except ProcessError as exc:
+        pytest.fail(f"{exc}:\n{exc.tail()}")
 
 
 def port_open(port: int) -> bool:
@@ -93,17 +70,14 @@ def spawn(tmp_path):
 
     def _spawn(argv: List[str], env: Optional[Dict[str, str]] = None, **kw) -> subprocess.Popen:
         log_path = tmp_path / f"proc-{len(procs)}.log"
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, text=True,
-                                    start_new_session=True, **kw)
+        proc = start_group(argv, log_path, env, stdin=subprocess.DEVNULL, text=True, **kw)
         proc.log_path = log_path  # type: ignore[attr-defined]
         procs.append(proc)
         return proc
 
     yield _spawn
     for proc in procs:
-        stop_group(proc)
+        stop_group(proc, grace_s=10)
 
 
 # --- The built image (tests marked `container`; tests/conftest.py skips them, naming what is

@@ -21,7 +21,8 @@ from typing import Dict, List, Optional
 import pytest
 import yaml
 
-from tests.container.conftest import DOCKER, ROOT, need_binary, stop_group
+from pipeline.benchmark.process import stop_group
+from tests.container.conftest import DOCKER, ROOT, need_binary
 
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 TOKEN = "t" * 32

@@ -16,7 +16,7 @@ from typing import List
 
 import pytest
 
-from tests.container.conftest import free_port
+from pipeline.benchmark.process import free_port
 from tests.container.live import image_labels
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]

@@ -151,15 +151,6 @@ def index_files(name: str) -> tuple:
     return tuple(page.get("files", []))
 
 
-@pytest.fixture(scope="module")
-def index_reachable() -> None:
-    try:
-        get_json(f"{INDEX}/pip/", accept="application/vnd.pypi.simple.v1+json")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        pytest.skip(f"package index {INDEX} unreachable ({exc}); the locks' files are "
-                    f"checked where it is")
-
-
 # --- The locks as files: offline --------------------------------------------------------
 
 @by_lock
@@ -239,7 +230,7 @@ def test_debian_locks_are_resolved_for_the_python_of_the_debian_root_filesystem(
 # --- Against the package index ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def fresh_locks(index_reachable, tmp_path_factory) -> Dict[str, Dict[str, Pin]]:
+def fresh_locks(tmp_path_factory) -> Dict[str, Dict[str, Pin]]:
     """The four locks resolved again by image.locks.main(), the code behind
     `invoke lock-image`, with every path it writes redirected into a temporary copy of the
     tree. The committed locks are copied there first: uv keeps their pins where they still
@@ -271,6 +262,7 @@ def fresh_locks(index_reachable, tmp_path_factory) -> Dict[str, Dict[str, Pin]]:
             for lock in LOCKS}
 
 
+@pytest.mark.network
 @by_lock
 def test_resolver_reproduces_the_lock(lock, fresh_locks):
     # A real resolver run for the base's Python and platform, with TF 2.9.3 (or its CPU
@@ -305,8 +297,9 @@ def _check_pin(pin: Pin, supported: Set[tags.Tag], lock: Lock) -> Optional[str]:
             f"up to glibc {lock.glibc[0]}.{lock.glibc[1]} with a locked hash on {INDEX}")
 
 
+@pytest.mark.network
 @by_lock
-def test_every_pin_has_a_wheel_for_its_python_with_the_locked_hash(lock, index_reachable):
+def test_every_pin_has_a_wheel_for_its_python_with_the_locked_hash(lock):
     supported = supported_tags(lock)
     # I/O-bound: a few threads keep this to seconds without loading the CPU.
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -315,8 +308,9 @@ def test_every_pin_has_a_wheel_for_its_python_with_the_locked_hash(lock, index_r
     assert problems == []
 
 
+@pytest.mark.network
 @pytest.mark.parametrize("name", sorted(SDIST_ONLY))
-def test_sdist_only_exceptions_are_still_needed_and_pure_python(name, index_reachable):
+def test_sdist_only_exceptions_are_still_needed_and_pure_python(name):
     locks = [lock for lock in LOCKS if name in PINS[lock.name]]
     assert locks, f"{name} left every lock; drop it from SDIST_ONLY ({SDIST_ONLY[name]})"
     versions = {PINS[lock.name][name].version for lock in locks}

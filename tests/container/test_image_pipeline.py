@@ -16,7 +16,8 @@ import urllib.request
 
 import pytest
 
-from tests.container.conftest import ROOT, free_port
+from pipeline.benchmark.process import free_port
+from tests.container.conftest import ROOT
 from tests.container.live import Container
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]

@@ -22,7 +22,8 @@ from typing import Dict, Optional
 
 import pytest
 
-from tests.container.conftest import DOCKER, free_port, output, wait_until
+from pipeline.benchmark.process import free_port
+from tests.container.conftest import DOCKER, output, wait_until
 
 httpx = pytest.importorskip("httpx", reason="httpx not installed")
 if importlib.util.find_spec("jupyter_server") is None:

@@ -20,7 +20,8 @@ from typing import Dict, List
 
 import pytest
 
-from tests.container.conftest import DOCKER, free_port, need_binary, port_open, wait_until
+from pipeline.benchmark.process import free_port, start_group, stop_group
+from tests.container.conftest import DOCKER, need_binary, port_open, wait_until
 
 CONFIG = DOCKER / "sshd_config"
 STATE_DIR = "/var/lib/tokenmeter/ssh"
@@ -135,19 +136,15 @@ def sshd_server(request):
             for p in (state, host_key, host_key.with_suffix(".pub")):
                 os.chown(p, USER_UID, USER_UID)
             as_user = {"user": USER_UID, "group": USER_UID, "extra_groups": []}
-        log = open(base / "sshd.log", "w")
-        proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, **as_user)
-        log.close()
+        proc = start_group([sshd, "-D", "-e", "-f", str(config)], base / "sshd.log", env,
+                           stdin=subprocess.DEVNULL, **as_user)
         proc.log_path = base / "sshd.log"
         wait_until(lambda: port_open(port), proc, "sshd", deadline_s=30)
         server = Server(port, base, env, config)
         yield server
     finally:
         if proc is not None:
-            from tests.container.conftest import stop_group
-            stop_group(proc)
+            stop_group(proc, grace_s=10)
         if made_privsep:
             shutil.rmtree(PRIVSEP_DIR, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)

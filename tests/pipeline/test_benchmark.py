@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import benchmark, paths
+from pipeline import paths
+from pipeline.benchmark import stage
+from pipeline.benchmark.loadgen import run_load
+from pipeline.benchmark.process import port_is_free
 from pipeline.errors import PipelineError
-from pipeline.loadgen import run_load
 from pipeline.params import Benchmark, load
-from pipeline.servers import port_is_free
 from tests.conftest import ROOT, run_stage
 from tests.serving.conftest import PG_ENV, PG_MISSING
 
@@ -187,12 +188,12 @@ def test_a_failing_load_still_stops_the_endpoint(smoke_ws, tmp_path):
             raise RuntimeError("load generator failed on purpose")
         return run_load(*args, **kwargs)
 
-    server = benchmark.endpoint("endpoint", smoke_ws / "models" / "sentiment" / "1",
-                                tmp_path / "ledger.sqlite3", b, True, tmp_path)
-    bodies = benchmark.request_bodies(["好评", "质量很差"])
+    server = stage.endpoint("endpoint", smoke_ws / "models" / "sentiment" / "1",
+                            tmp_path / "ledger.sqlite3", b, True, tmp_path)
+    bodies = stage.request_bodies(["好评", "质量很差"])
     with pytest.raises(RuntimeError, match="on purpose"):
-        benchmark.measure_server(server, bodies, b, {"Authorization": "Bearer tm_x"}, True,
-                                 failing_load)
+        stage.measure_server(server, bodies, b, {"Authorization": "Bearer tm_x"}, True,
+                             failing_load)
     assert len(calls) == 2
     assert server.proc is not None and server.proc.poll() is not None
     assert port_is_free(server.port)
@@ -200,10 +201,10 @@ def test_a_failing_load_still_stops_the_endpoint(smoke_ws, tmp_path):
 
 def test_a_server_that_cannot_start_is_one_line_and_leaves_nothing(smoke_ws, tmp_path):
     b = _params(smoke_ws)
-    server = benchmark.endpoint("endpoint", tmp_path / "no-model", tmp_path / "l.sqlite3", b,
-                                True, tmp_path)
+    server = stage.endpoint("endpoint", tmp_path / "no-model", tmp_path / "l.sqlite3", b,
+                            True, tmp_path)
     with pytest.raises(PipelineError, match="exited with 2 before it was ready"):
-        benchmark.measure_server(server, [b"{}"], b, {}, True)
+        stage.measure_server(server, [b"{}"], b, {}, True)
     assert server.proc is not None and server.proc.poll() is not None
     assert port_is_free(server.port)
 
@@ -218,7 +219,7 @@ def test_a_corrupt_model_stops_the_stage_with_one_line(ws_copy):
 
 
 def test_ledger_capacity_without_postgresql_says_why_not():
-    from pipeline import ledger_capacity
+    from pipeline.benchmark import ledger_capacity
 
     assert "not_run" in ledger_capacity.postgresql(None, 10, 4, 1)
 
@@ -226,7 +227,7 @@ def test_ledger_capacity_without_postgresql_says_why_not():
 @pytest.mark.postgres
 @pytest.mark.skipif(not os.environ.get(PG_ENV), reason=PG_MISSING)  # for runs of this file alone
 def test_ledger_capacity_on_postgresql():
-    from pipeline import ledger_capacity
+    from pipeline.benchmark import ledger_capacity
 
     cap = ledger_capacity.postgresql(os.environ[PG_ENV], 200, 16, 2)
     assert "not_run" not in cap, cap

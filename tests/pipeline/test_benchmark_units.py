@@ -11,10 +11,10 @@ import threading
 
 import pytest
 
-from pipeline.benchmark import batch_distribution, cost_table
-from pipeline.loadgen import percentile, run_load, summarize
+from pipeline.benchmark.figures import batch_distribution, cost_table
+from pipeline.benchmark.loadgen import percentile, run_load, summarize
+from pipeline.benchmark.process import HOST, free_port
 from pipeline.params import Benchmark, Hardware
-from pipeline.servers import HOST, free_port
 
 
 class TinyServer:

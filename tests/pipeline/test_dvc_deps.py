@@ -1,6 +1,8 @@
 """dvc.yaml lists, for each stage, every project module the stage's code imports (directly or
 through other project modules, at any depth, function-level imports included), so that a
 change to any of them re-runs the stage. Read from the source with `ast`, never by importing.
+A stage that is a package (`python -m pipeline.benchmark`) is walked from its `__main__`, and
+every module in its folder counts. Every listed project file must exist.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "serving")
+# Programs a stage starts as subprocesses and measures: their code shapes its outputs too.
+STARTED = {"benchmark": ("serving.__main__", "pipeline/benchmark/stage.py", '"-m", "serving"')}
 
 
 def module_file(name: str) -> Path:
@@ -49,13 +53,18 @@ def closure(module: str) -> Set[str]:
     return seen
 
 
+def entry_module(name: str) -> str:
+    """What `python -m NAME` runs: the module itself, or a package's `__main__`."""
+    return f"{name}.__main__" if (ROOT / Path(*name.split("."))).is_dir() else name
+
+
 def stage_modules() -> Dict[str, str]:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     out = {}
     for name, stage in stages.items():
         parts = stage["cmd"].split()
         assert parts[:2] == ["python", "-m"], f"stage {name}: not `python -m MODULE`"
-        out[name] = parts[2]
+        out[name] = entry_module(parts[2])
     return out
 
 
@@ -64,9 +73,34 @@ def test_every_imported_project_module_is_a_dependency(stage):
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
     listed = {d for d in deps if isinstance(d, str)}
     needed = {str(module_file(m).relative_to(ROOT)) for m in closure(stage_modules()[stage])}
+    entry = module_file(stage_modules()[stage])
+    if entry.name == "__main__.py":
+        # A stage package's every module counts, also those it runs as a subprocess (the
+        # benchmark's naive server), which no import names.
+        needed |= {str(p.relative_to(ROOT)) for p in entry.parent.glob("*.py")}
+    if stage in STARTED:
+        module, starter, command = STARTED[stage]
+        assert command in (ROOT / starter).read_text(), f"{starter} no longer starts {module}"
+        needed |= {str(module_file(m).relative_to(ROOT)) for m in closure(module)}
     # Package __init__ files are docstrings only; they change nothing a stage computes.
     needed = {p for p in needed if not p.endswith("__init__.py")}
     assert sorted(needed - listed) == [], f"add to dvc.yaml stage {stage}'s deps"
+
+
+@pytest.mark.parametrize("stage", sorted(stage_modules()))
+def test_every_listed_project_file_exists(stage):
+    # A module moved or renamed leaves its old path behind in dvc.yaml otherwise.
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    missing = [d for d in deps if isinstance(d, str) and d.split("/")[0] in PACKAGES
+               and not (ROOT / d).exists()]
+    assert missing == [], f"dvc.yaml stage {stage} lists files that do not exist"
+
+
+def test_a_package_stage_is_walked_from_its_main():
+    # `python -m pipeline.benchmark` runs pipeline/benchmark/__main__.py, which imports the rest.
+    assert stage_modules()["benchmark"] == "pipeline.benchmark.__main__"
+    assert {"pipeline.benchmark.stage", "pipeline.benchmark.process"} <= \
+        closure("pipeline.benchmark.__main__")
 
 
 def test_the_walker_follows_imports_through_other_modules():

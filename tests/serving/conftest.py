@@ -1,18 +1,16 @@
 """Fixtures for the endpoint tests: the smoke model (or TOKENMETER_TEST_MODEL_DIR) and what the
 tests need to know about it, read from its own files; a real uvicorn server in a subprocess on a
-free loopback port; keys made with the real CLI; and a fresh PostgreSQL database per test for
-the tests marked `postgres` (skipped at collection, saying so, when TOKENMETER_TEST_PG_DSN is
+free loopback port (pipeline.benchmark.process, as the benchmark starts it); keys made with the
+real CLI; and a fresh PostgreSQL database per test for the tests marked `postgres`
+(pipeline.benchmark.scratch_db; skipped at collection, saying so, when TOKENMETER_TEST_PG_DSN is
 empty)."""
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import socket
 import subprocess
 import sys
-import time
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -20,6 +18,9 @@ from typing import Dict, List, Optional, Sequence
 import httpx
 import pytest
 import yaml
+
+from pipeline.benchmark.process import HOST, Process, ProcessError, free_port
+from pipeline.benchmark.scratch_db import scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_ENV = "TOKENMETER_TEST_PG_DSN"
@@ -40,12 +41,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(ledger: str, *args: str, env: Optional[Dict[str, str]] = None,
         check: bool = True) -> subprocess.CompletedProcess:
     full = {**os.environ, **(env or {}), "TOKENMETER_LEDGER": ledger}
@@ -61,45 +56,35 @@ def make_key(ledger: str, user: str, *extra: str) -> str:
     return json.loads(out)["key"]
 
 
-class Server:
-    """`python -m serving serve` in a subprocess on 127.0.0.1, stderr to a log file."""
+class Server(Process):
+    """`python -m serving serve` in a subprocess on 127.0.0.1 (its own process group), stdout
+    and stderr to a log file. Failures are AssertionErrors with the log's tail."""
 
     def __init__(self, model_dir: Path, ledger: str, log: Path,
                  env: Optional[Dict[str, str]] = None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ledger, self.log_path = ledger, log
-        self.env = {**os.environ, "TOKENMETER_MODEL_DIR": str(model_dir),
-                    "TOKENMETER_LEDGER": ledger, "TOKENMETER_HOST": "127.0.0.1",
-                    "TOKENMETER_PORT": str(self.port), **(env or {})}
-        self.proc: Optional[subprocess.Popen] = None
+        self.url = f"http://{HOST}:{self.port}"
+        self.ledger = ledger
+        super().__init__([sys.executable, "-m", "serving", "serve"], log,
+                         {**os.environ, "TOKENMETER_MODEL_DIR": str(model_dir),
+                          "TOKENMETER_LEDGER": ledger, "TOKENMETER_HOST": HOST,
+                          "TOKENMETER_PORT": str(self.port), **(env or {})},
+                         ROOT, what="server")
 
     def start(self, timeout: float = 180) -> "Server":
         return self.launch().wait_ready(timeout)
 
     def launch(self) -> "Server":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving", "serve"], cwd=ROOT,
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        super().launch()
         return self
 
     def wait_ready(self, timeout: float = 180) -> "Server":
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise AssertionError(f"server not ready in {timeout}s: {self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+        """Until /readyz answers 200; stopped, and an AssertionError with the log, if not."""
+        try:
+            self.wait_http(self.port, "/readyz", timeout)
+        except ProcessError as exc:
+            raise AssertionError(f"{exc}: {exc.tail()}") from None
+        return self
 
     def billing_lines(self) -> List[dict]:
         out = []
@@ -107,22 +92,6 @@ class Server:
             if line.startswith("{") and '"billing_event"' in line:
                 out.append(json.loads(line))
         return out
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        self._log.close()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        self._log.close()
 
 
 @pytest.fixture(scope="session")
@@ -139,20 +108,12 @@ def pg_dsn(request):
     """A fresh, empty database on the test server; dropped afterwards. Only for tests marked
     `postgres` (the mark is what skips them where no server is given); a server that is given
     but unreachable is an error, not a skip."""
-    import psycopg
-    from psycopg import sql
-
     assert request.node.get_closest_marker("postgres"), \
         f"{request.node.nodeid} uses pg_dsn: mark it (or its parameter) pytest.mark.postgres"
     admin = os.environ.get(PG_ENV, "")
     assert admin, PG_MISSING  # the collection hook skipped it otherwise
-    name = "tm_" + secrets.token_hex(6)
-    with psycopg.connect(admin, autocommit=True, connect_timeout=10) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield admin.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                     .format(sql.Identifier(name)))
+    with scratch_database(admin, "tm_") as dsn:
+        yield dsn
 
 
 class ModelFacts:

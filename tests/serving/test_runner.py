@@ -47,8 +47,9 @@ def test_batcher_pads_to_buckets_and_answers_each_job():
     assert out[1][0].argmax() == 0 and out[1][1].argmax() == 0  # 6 and 2 tokens: even
     assert out[2][0].argmax() == 1  # 3 tokens: odd
     assert all(s[1] in (4, 8) for s in model.shapes)  # only bucket lengths reach the model
-    # The three queued jobs were batched together: one call per bucket, not per job.
-    assert sorted(model.shapes[1:]) == [(2, 4), (2, 8)]
+    # The three queued jobs were batched by bucket: one call per bucket, not per job. A job
+    # goes whole to the bucket of its longest row (6 -> 8, so its 2-token row is padded to 8).
+    assert sorted(model.shapes[1:]) == [(1, 4), (3, 8)]
 
 
 def test_batcher_refuses_when_the_queue_is_full():
@@ -178,3 +179,82 @@ def test_serving_imports_no_training_code():
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == ""
+
+
+def test_group_by_bucket_orders_buckets_and_keeps_row_order():
+    from serving.tokenization import group_by_bucket
+
+    # lengths 9 and 3 pad to 16 and 4; 40 is over the last bucket and pads to it.
+    assert group_by_bucket([9, 3, 4, 16, 1, 40], [4, 16, 32]) == [
+        (4, [1, 2, 4]), (16, [0, 3]), (32, [5])]
+
+
+class SteppedModel:
+    """Each call waits for its own permit, so the test sees the order of calls and what is
+    answered between them."""
+
+    def __init__(self):
+        self.shapes, self.permits, self.calls = [], threading.Semaphore(0), threading.Semaphore(0)
+
+    def __call__(self, ids, mask):
+        self.shapes.append(ids.shape)
+        self.calls.release()
+        assert self.permits.acquire(timeout=30)
+        return np.zeros((len(ids), 2), np.float32)
+
+    def step(self) -> None:
+        """Let one call finish and wait until the next one starts (or 1 s passes)."""
+        self.permits.release()
+        self.calls.acquire(timeout=1)
+
+
+def _held_batcher(now):
+    """A batcher whose worker is held inside a first call, with a fake clock."""
+    model = SteppedModel()
+    b = MicroBatcher(model, buckets=[4, 8], max_batch=8, max_wait_s=0.0,
+                     clock=lambda: now[0])
+    b.start()
+    b.submit([[1]])
+    assert model.calls.acquire(timeout=30)  # the worker is in call 1
+    return b, model
+
+
+def test_the_fullest_bucket_goes_first_and_each_call_answers_at_once():
+    now = [0.0]
+    b, model = _held_batcher(now)
+    short = b.submit([[1, 2]])                      # bucket 4, one row
+    longs = [b.submit([[1] * 7]) for _ in range(3)]  # bucket 8, three rows
+    model.step()  # call 1 ends; call 2 starts
+    assert model.shapes[1] == (3, 8)  # the fuller bucket, one call
+    model.step()  # call 2 ends: its jobs are answered while call 3 still runs
+    assert all(f.done() for f in longs) and not short.done()
+    assert model.shapes[2] == (1, 4)
+    model.step()
+    assert short.result(timeout=30).shape == (1, 2)
+    b.stop()
+
+
+def test_a_job_waiting_longer_than_the_fairness_bound_goes_before_a_fuller_bucket():
+    from serving.runner import FAIRNESS_S
+
+    now = [0.0]
+    b, model = _held_batcher(now)
+    short = b.submit([[1, 2]])
+    longs = [b.submit([[1] * 7]) for _ in range(3)]
+    now[0] += FAIRNESS_S * 2  # the short job has waited too long
+    model.step()
+    assert model.shapes[1] == (1, 4)
+    model.step()
+    assert short.done()
+    model.step()
+    assert all(f.result(timeout=30).shape == (1, 2) for f in longs)
+    b.stop()
+
+
+def test_an_idle_batcher_does_not_wait_to_fill_a_batch():
+    # A 10 s fill wait: at idle (no recent arrivals) the lone request must not pay it.
+    b = MicroBatcher(lambda ids, mask: np.zeros((len(ids), 2), np.float32), buckets=[4],
+                     max_batch=8, max_wait_s=10.0)
+    b.start()
+    assert b.submit([[1]]).result(timeout=5).shape == (1, 2)
+    b.stop()

@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from pipeline.errors import fail
-from serving.tokenization import bucket_length, default_buckets, pad
+from serving.tokenization import default_buckets, group_by_bucket, pad
 
 
 def check(model_dir: Path):
@@ -74,14 +74,14 @@ def shape_grid(model_dir: Path, modes: Sequence[str], batch_sizes: Sequence[int]
 
 def policy_pass(predict, ids: Sequence[Sequence[int]], batch_size: int,
                 buckets: Sequence[int]) -> np.ndarray:
-    """The runner's batching of `ids` arriving in order: chunks of `batch_size`, each split
-    by length bucket and padded to it (as MicroBatcher._run does). Returns the argmax labels."""
+    """`ids` arriving in order, `batch_size` at a time, each window split by length bucket and
+    padded to it: the most the endpoint's per-bucket batches can hold when `batch_size`
+    requests are waiting at once (concurrency = batch_size). Returns the argmax labels."""
     labels = np.zeros(len(ids), dtype=np.int64)
     for start in range(0, len(ids), batch_size):
-        by_bucket: Dict[int, List[int]] = {}
-        for i in range(start, min(start + batch_size, len(ids))):
-            by_bucket.setdefault(bucket_length(len(ids[i]), buckets), []).append(i)
-        for length, rows in sorted(by_bucket.items()):
+        window = ids[start: start + batch_size]
+        for length, members in group_by_bucket([len(r) for r in window], buckets):
+            rows = [start + i for i in members]
             probs = predict(*pad([ids[i] for i in rows], length))
             labels[rows] = np.argmax(probs, axis=1)
     return labels

@@ -6,12 +6,14 @@ scratch PostgreSQL database that is dropped afterwards. No HTTP, no model.
 from __future__ import annotations
 
 import collections
+import contextlib
 import secrets
 import time
 from pathlib import Path
 from typing import Dict, Optional
 
-from pipeline.loadgen import percentile
+from pipeline.benchmark.loadgen import percentile
+from pipeline.benchmark.scratch_db import scratch_database
 
 
 def _event(key, n: int):
@@ -68,15 +70,19 @@ def measure(target: str, events: int, inflight: int, seconds: float) -> Dict[str
             "key_lookup_p50_ms": round(percentile(lookup, 50), 3)}
 
 
-def sqlite(folder: Path, events: int, inflight: int, seconds: float) -> Dict[str, object]:
-    path = folder / "ledger-capacity.sqlite3"
+def remove_sqlite(path: Path) -> None:
+    """A SQLite ledger file and its WAL and shared-memory files, where present."""
     for suffix in ("", "-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+def sqlite(folder: Path, events: int, inflight: int, seconds: float) -> Dict[str, object]:
+    path = folder / "ledger-capacity.sqlite3"
+    remove_sqlite(path)
     try:
         return measure(str(path), events, inflight, seconds)
     finally:
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(path) + suffix).unlink(missing_ok=True)
+        remove_sqlite(path)
 
 
 def postgresql(dsn: Optional[str], events: int, inflight: int,
@@ -85,19 +91,10 @@ def postgresql(dsn: Optional[str], events: int, inflight: int,
     if not dsn:
         return {"not_run": "no PostgreSQL DSN (benchmark.ledger_pg_dsn or "
                            "TOKENMETER_TEST_PG_DSN)"}
-    try:
-        import psycopg
-        from psycopg import sql
-
-        name = "tm_bench_" + secrets.token_hex(4)
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except Exception as exc:  # psycopg raises many kinds; any of them means "not run"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return {"not_run": f"cannot create a scratch database: {first}"}
-    try:
-        return measure(dsn.rsplit("/", 1)[0] + "/" + name, events, inflight, seconds)
-    finally:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                         .format(sql.Identifier(name)))
+    with contextlib.ExitStack() as stack:
+        try:
+            target = stack.enter_context(scratch_database(dsn, "tm_bench_", connect_timeout=5))
+        except Exception as exc:  # psycopg raises many kinds; any of them means "not run"
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return {"not_run": f"cannot create a scratch database: {first}"}
+        return measure(target, events, inflight, seconds)

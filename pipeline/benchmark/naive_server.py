@@ -2,7 +2,8 @@
 that trusts an X-User-ID header, tokenizes each text twice, calls `model.predict` per request
 and writes a `logging.info` billing line. Deliberately unfixed; it must never be served.
 
-Run by the benchmark as `python -m pipeline.naive_baseline MODEL_DIR PORT` on 127.0.0.1.
+Run by the benchmark as `python -m pipeline.benchmark.naive_server MODEL_DIR PORT` on 127.0.0.1.
+(Not the TF-IDF `baseline` stage: that one is a model; this is a server design.)
 """
 
 from __future__ import annotations

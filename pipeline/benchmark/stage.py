@@ -1,0 +1,276 @@
+"""Stage `benchmark`: what serving a token costs, measured. Model-only ceiling, the metered endpoint
+started for real (subprocess on 127.0.0.1, fresh ledger, keys from the CLI) under closed-loop load
+at several concurrencies, the same endpoint unmetered, the brief's naive Flask design, and the
+ledger alone; then cost per 1K tokens from hourly hardware prices against the pricing file.
+
+Writes metrics/benchmark.json, metrics/benchmark_{load,cost}.csv (DVC plots), plots/benchmark_*.png,
+build/benchmark/ (per-request CSV, the ledger, server logs) and one MLflow run in `token-cost`.
+
+This module owns the run: its inputs, the servers it starts and the load it drives, the order of
+the measurements and where the results go. Arithmetic on the results belongs in `figures`, their
+files, plots and MLflow run in `outputs`; process handling in `process`. Run as
+`python -m pipeline.benchmark` (`__main__`).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
+
+from pipeline import paths
+from pipeline.benchmark import ceiling, ledger_capacity
+from pipeline.benchmark.figures import (
+    batch_distribution,
+    batch_histogram,
+    best,
+    cost_table,
+    number,
+    ratios,
+)
+from pipeline.benchmark.loadgen import LoadResult, Record, run_load, summarize
+from pipeline.benchmark.outputs import (
+    cost_csv,
+    draw_plots,
+    load_csv,
+    log_mlflow,
+    requests_csv,
+    table,
+)
+from pipeline.benchmark.process import (
+    HOST,
+    ServerProcess,
+    cpu_seconds,
+    free_port,
+    http_get,
+    serving_cli,
+)
+from pipeline.errors import fail, require
+from pipeline.io import read_jsonl, write_atomic, write_json
+from pipeline.params import Benchmark, Export, load
+from serving.model_dir import TOKENIZER_FILE, read_card, read_labels
+
+ROOT = Path(__file__).resolve().parents[2]
+LoadFn = Callable[..., LoadResult]
+
+
+# --- inputs -----------------------------------------------------------------------------------
+def sample_texts(b: Benchmark) -> List[str]:
+    import numpy as np
+
+    texts = [r["text"] for r in read_jsonl(paths.split_file("test"))]
+    if not texts:
+        fail(f"{paths.split_file('test')} is empty; run the prepare stage first")
+    rng = np.random.default_rng(b.seed)
+    picks = rng.choice(len(texts), size=min(b.texts, len(texts)), replace=False)
+    return [texts[i] for i in picks]
+
+
+def request_bodies(texts: Sequence[str]) -> List[bytes]:
+    import json
+
+    # truncate: a text over the model's maximum is cut and billed at the cut count, not 413.
+    return [json.dumps({"text": t, "truncate": True}, ensure_ascii=False).encode("utf-8")
+            for t in texts]
+
+
+# --- servers ----------------------------------------------------------------------------------
+def endpoint(name: str, model_dir: Path, ledger: Path, b: Benchmark, metering: bool,
+             out_dir: Path) -> ServerProcess:
+    port = free_port()
+    env = {"TOKENMETER_MODEL_DIR": str(model_dir.resolve()),
+           "TOKENMETER_LEDGER": str(ledger.resolve()),
+           "TOKENMETER_HOST": HOST, "TOKENMETER_PORT": str(port),
+           "TOKENMETER_EXECUTION": b.execution, "TOKENMETER_MAX_BATCH": str(b.max_batch),
+           "TOKENMETER_MAX_WAIT_MS": str(b.max_wait_ms),
+           "TOKENMETER_MAX_BODY_BYTES": str(1024 * 1024)}
+    if not metering:
+        env.update({"TOKENMETER_METERING": "off", "TOKENMETER_ALLOW_UNMETERED": "1"})
+    return ServerProcess(name, [sys.executable, "-m", "serving", "serve"], env, ROOT,
+                         out_dir / f"{name}.log", port, "/readyz", b.server_start_timeout_s)
+
+
+def naive(model_dir: Path, b: Benchmark, out_dir: Path) -> ServerProcess:
+    port = free_port()
+    return ServerProcess("naive", [sys.executable, "-m", "pipeline.benchmark.naive_server",
+                                   str(model_dir.resolve()), str(port)], {}, ROOT,
+                         out_dir / "naive.log", port, "/healthz", b.server_start_timeout_s)
+
+
+def fresh_ledger(path: Path) -> None:
+    ledger_capacity.remove_sqlite(path)
+
+
+def create_key(ledger: Path) -> str:
+    import json
+
+    out = serving_cli(["keys", "create", "--user", "benchmark", "--name", "load", "--json"],
+                      {"TOKENMETER_LEDGER": str(ledger.resolve())}, ROOT)
+    return json.loads(out)["key"]
+
+
+# --- load -------------------------------------------------------------------------------------
+def drive(server: ServerProcess, bodies: Sequence[bytes], b: Benchmark,
+          headers: Dict[str, str], scrape: bool, load: LoadFn = run_load
+          ) -> Tuple[List[Dict[str, object]], List[Tuple[str, int, Record]]]:
+    """Warm-up, then each concurrency level; per-level summary and every request record."""
+    url = server.url + "/v1/analyze"
+    ntexts = [1] * len(bodies)
+    records: List[Tuple[str, int, Record]] = []
+    if b.warmup_requests:
+        # At the top concurrency, so the batch shapes the levels will see are traced first
+        # (each new shape costs the runner ~0.1-0.5 s once; steady state is what we report).
+        warm = load(url, bodies, ntexts, min(max(b.concurrency), b.warmup_requests),
+                    b.request_timeout_s * 2, b.warmup_requests, headers, b.request_timeout_s)
+        records += [("warmup", warm.concurrency, r) for r in warm.records]
+    levels = []
+    for c in b.concurrency:
+        before = batch_histogram(http_get(server.port, "/metrics")[1]) if scrape else {}
+        cpu0, client0 = cpu_seconds(server.pid or 0), time.process_time()
+        res = load(url, bodies, ntexts, c, b.duration_s, b.max_requests, headers,
+                   b.request_timeout_s)
+        cpu1, client1 = cpu_seconds(server.pid or 0), time.process_time()
+        row: Dict[str, object] = dict(summarize(res))
+        # Where the 2 cores went: cores busy in the server and in this (client) process.
+        row["server_cores"] = round((cpu1 - cpu0) / res.duration_s, 3) \
+            if cpu0 is not None and cpu1 is not None else None
+        row["client_cores"] = round((client1 - client0) / res.duration_s, 3)
+        if scrape:
+            row["batches"] = batch_distribution(
+                before, batch_histogram(http_get(server.port, "/metrics")[1]))
+        errors = sorted({r.error for r in res.records if r.status != 200})
+        row["error_kinds"] = errors[:5]
+        levels.append(row)
+        records += [("measure", c, r) for r in res.records]
+        print(f"benchmark: {server.name} c={c}: {row['req_per_s']} req/s, p50 {row['p50_ms']} "
+              f"ms, errors {row['error_rate']:.1%}", flush=True)
+    return levels, records
+
+
+def measure_server(server: ServerProcess, bodies: Sequence[bytes], b: Benchmark,
+                   headers: Dict[str, str], scrape: bool, load: LoadFn = run_load
+                   ) -> Dict[str, object]:
+    """Start `server`, drive it, and stop it (process group included) whatever happens."""
+    with server:
+        levels, records = drive(server, bodies, b, headers, scrape, load)
+    return {"pid": server.pid, "port": server.port, "levels": levels, "records": records}
+
+
+def ledger_totals(path: Path) -> Dict[str, int]:
+    with sqlite3.connect(str(path)) as conn:
+        r = conn.execute("SELECT COUNT(*), COALESCE(SUM(input_tokens), 0),"
+                         " COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost_micro), 0)"
+                         " FROM billing_events").fetchone()
+    return {"rows": int(r[0]), "input_tokens": int(r[1]), "output_tokens": int(r[2]),
+            "cost_micro": int(r[3])}
+
+
+# --- the stage --------------------------------------------------------------------------------
+def benchmark(model_dir: Path, b: Benchmark, out_dir: Path,
+              load: LoadFn = run_load) -> dict:
+    """Every measurement of the stage; returns the report (no metrics files, no MLflow)."""
+    import tensorflow as tf
+
+    from serving.tokenization import encode, load_tokenizer
+
+    ceiling.check(model_dir)  # a missing or corrupt model is one line, before anything starts
+    card = read_card(model_dir)
+    max_tokens = int(card["max_input_tokens"])
+    texts = sample_texts(b)
+    tok = load_tokenizer(model_dir / TOKENIZER_FILE, max_tokens)
+    ids = encode(tok, texts)
+    label_tokens = {k: len(tok.encode(v, add_special_tokens=False).ids)
+                    for k, v in read_labels(model_dir).items()}
+    print(f"benchmark: {len(texts)} test texts, mean {sum(map(len, ids)) / len(ids):.1f} "
+          f"input tokens; model-only ceiling...", flush=True)
+    grid = ceiling.shape_grid(model_dir, b.ceiling_modes, b.ceiling_batch_sizes,
+                              b.ceiling_lengths, b.ceiling_seconds, b.seed)
+    policy = ceiling.batch_policy(model_dir, b.execution, ids[: b.ceiling_texts],
+                                  b.ceiling_batch_sizes, label_tokens)
+
+    pg = b.ledger_pg_dsn or os.environ.get("TOKENMETER_TEST_PG_DSN")
+    capacity = {"sqlite": ledger_capacity.sqlite(out_dir, b.ledger_events, b.ledger_inflight,
+                                                 b.ledger_seconds),
+                "postgresql": ledger_capacity.postgresql(pg, b.ledger_events,
+                                                         b.ledger_inflight, b.ledger_seconds)}
+
+    bodies = request_bodies(texts)
+    ledger = out_dir / "ledger.sqlite3"
+    fresh_ledger(ledger)
+    key = create_key(ledger)
+    servers: Dict[str, dict] = {}
+    servers["endpoint"] = measure_server(endpoint("endpoint", model_dir, ledger, b, True, out_dir),
+                                         bodies, b, {"Authorization": f"Bearer {key}"}, True,
+                                         load)
+    if b.metering_off:
+        scratch = out_dir / "unmetered-ledger.sqlite3"
+        fresh_ledger(scratch)
+        servers["unmetered"] = measure_server(
+            endpoint("unmetered", model_dir, scratch, b, False, out_dir), bodies, b, {}, True,
+            load)
+        servers["unmetered"]["ledger_rows"] = ledger_totals(scratch)["rows"]
+    if b.naive:
+        servers["naive"] = measure_server(naive(model_dir, b, out_dir), bodies, b,
+                                          {"X-User-ID": "benchmark"}, False, load)
+
+    billed = ledger_totals(ledger)
+    ok = [r for _, _, r in servers["endpoint"]["records"] if r.status == 200]
+    servers["endpoint"]["ledger"] = {
+        **billed, "client_200s": len(ok), "client_tokens": sum(r.tokens for r in ok),
+        "matches": billed["rows"] == len(ok)
+        and billed["input_tokens"] + billed["output_tokens"] == sum(r.tokens for r in ok)}
+    total_tokens = billed["input_tokens"] + billed["output_tokens"]
+    # Revenue per 1K tokens actually billed (the pricing file's input/output prices, blended
+    # by this load's mix), from the ledger's exact micro-USD.
+    revenue_per_1k = billed["cost_micro"] / 1e6 / total_tokens * 1000 if total_tokens else 0.0
+    measured_tps = number(best(servers["endpoint"]["levels"], "tokens_per_s")["tokens_per_s"])
+    from serving.pricing import price_for
+    from serving.settings import DEFAULT_PRICING
+
+    price = price_for(DEFAULT_PRICING, card["name"])
+    return {
+        "model": {"name": card["name"], "version": str(card["version"]),
+                  "dir": str(model_dir), "max_input_tokens": max_tokens,
+                  "execution": b.execution, "tensorflow": tf.__version__},
+        "texts": {"sampled": len(texts), "mean_input_tokens":
+                  round(sum(map(len, ids)) / len(ids), 3)},
+        "ceiling": {"grid": grid, "policy": policy},
+        "ledger_capacity": capacity,
+        "ledger_backend": "sqlite" + ("+postgresql" if "events_per_s" in capacity["postgresql"]
+                                      else ""),
+        "servers": {k: {kk: vv for kk, vv in v.items() if kk != "records"}
+                    for k, v in servers.items()},
+        "cost": {"price_file": {"input_per_1k_usd": str(price.input_per_1k),
+                                "output_per_1k_usd": str(price.output_per_1k)},
+                 "revenue_per_1k_usd": round(revenue_per_1k, 9),
+                 "measured_tokens_per_s": measured_tps,
+                 "hardware": cost_table(b.hardware, measured_tps, revenue_per_1k)},
+        "ratios": ratios(b, grid, policy, servers),
+        "_records": servers,
+    }
+
+
+def main() -> None:
+    b = load(Benchmark)
+    e = load(Export)
+    model_dir = paths.model_dir(e.name, e.version)
+    require(model_dir / "saved_model.pb", paths.split_file("test"),
+            hint="run `dvc repro` (export and prepare write them)")
+    paths.BENCHMARK_DIR.mkdir(parents=True, exist_ok=True)
+    report = benchmark(model_dir, b, paths.BENCHMARK_DIR)
+    servers = report.pop("_records")
+    write_atomic(paths.BENCHMARK_REQUESTS, requests_csv(servers))
+    write_atomic(paths.BENCHMARK_LOAD_CSV, load_csv(b, servers))
+    measured = next((h for h in b.hardware if h.measured), None)
+    costs = cost_csv(report["ceiling"]["policy"], measured, report["cost"]["revenue_per_1k_usd"])
+    write_atomic(paths.BENCHMARK_COST_CSV, costs)
+    plots = draw_plots(b, servers, costs)
+    write_json(paths.metrics_file("benchmark"), report)
+    report["mlflow_run_id"] = log_mlflow(
+        b, report, [paths.BENCHMARK_REQUESTS, paths.BENCHMARK_LOAD_CSV, paths.BENCHMARK_COST_CSV,
+                    paths.metrics_file("benchmark"), *plots])
+    write_json(paths.metrics_file("benchmark"), report)
+    print(table(report))

@@ -1,0 +1,363 @@
+"""The billing flow of one request as plain code: authenticate -> parse -> meter -> limit ->
+reserve -> run -> price -> commit, then the answer. Every step is a method a test or a tool can
+call without HTTP; `analyze` runs them in that order.
+
+It must not know HTTP: no status codes, headers or request objects. Anything that is not a
+billed answer leaves as `Refused` with a `kind`, and `serving.app` maps kinds to status codes.
+An answer is returned only after its billing row is durable; a refusal is never billed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+
+import numpy as np
+from anyio import to_thread
+
+from serving import pricing
+from serving.cache import TtlCache
+from serving.keys import AuthError, bearer_token, check_record, hash_key
+from serving.ledger import BillingEvent, KeyRecord, Ledger, day_range, now_iso, period_of
+from serving.limits import RateLimiter
+from serving.metering import InputError, Meter, Metered
+from serving.metrics import Metrics
+from serving.runner import ModelInfo, Overloaded
+from serving.settings import Settings
+
+billing_log = logging.getLogger("tokenmeter.billing")
+
+IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
+
+# What a refusal can be; serving.app gives each its status code (README "Errors").
+KINDS = ("authentication", "permission", "invalid", "too_long", "rate_limit", "quota",
+         "overloaded")
+
+
+class Refused(Exception):
+    """Not answered and not billed: `kind` (one of KINDS), a stable `code`, a message safe to
+    show, and how long to wait before retrying where waiting helps."""
+
+    def __init__(self, kind: str, code: str, message: str,
+                 retry_after_s: Optional[int] = None):
+        assert kind in KINDS, kind
+        super().__init__(message)
+        self.kind, self.code, self.message = kind, code, message
+        self.retry_after_s = retry_after_s
+
+
+def invalid(code: str, message: str) -> Refused:
+    return Refused("invalid", code, message)
+
+
+def quota_refusal() -> Refused:
+    return Refused("quota", "insufficient_quota",
+                   "the monthly budget of this key or its user is spent; "
+                   "the request was not billed")
+
+
+class Runner(Protocol):
+    """What the flow needs of the model runner (serving.runner.ModelRunner is one)."""
+
+    info: ModelInfo
+
+    def submit(self, rows: List[List[int]]) -> Future: ...
+
+    def depth(self) -> int: ...
+
+
+@dataclass
+class Answer:
+    """A 200: the JSON body, and whether it is a replay of an earlier billed answer."""
+
+    body: str
+    replayed: bool = False
+
+
+def parse(raw: bytes, max_texts: int) -> Tuple[List[str], bool]:
+    """Texts and the truncate flag from a request body, or `invalid` saying what is wrong."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("invalid_json", "the body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise invalid("invalid_body", "the body must be a JSON object")
+    unknown = sorted(set(payload) - {"text", "texts", "truncate"})
+    if unknown:
+        raise invalid("unknown_field", f"unknown field(s): {', '.join(unknown)[:200]}")
+    if "text" in payload and "texts" in payload:
+        raise invalid("ambiguous_input", "give either `text` or `texts`, not both")
+    if "text" in payload:
+        texts = [payload["text"]]
+    elif "texts" in payload:
+        texts = payload["texts"]
+        if not isinstance(texts, list):
+            raise invalid("invalid_texts", "`texts` must be a list of strings")
+        if not texts:
+            raise invalid("missing_text", "`texts` is empty")
+        if len(texts) > max_texts:
+            raise invalid("too_many_texts", f"at most {max_texts} texts per request")
+    else:
+        raise invalid("missing_text", "the body needs `text` (a string) or `texts`")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise invalid("invalid_text", f"text {i} is not a string")
+        if not t.strip():
+            raise invalid("empty_text", f"text {i} is empty")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid("invalid_text", f"text {i} is not valid Unicode") from None
+    truncate = payload.get("truncate", False)
+    if not isinstance(truncate, bool):
+        raise invalid("invalid_truncate", "`truncate` must be true or false")
+    return texts, truncate
+
+
+Spend = Tuple[int, int]  # (micro-USD, tokens) billed in a month
+
+
+def budget_fits(key: KeyRecord, key_spent: Spend, user_spent: Spend, worst: Spend) -> bool:
+    """Whether the worst-case cost (micro-USD, tokens) still fits the key's and user's budgets."""
+    for spent, limits in ((key_spent, (key.budget_micro_usd, key.budget_tokens)),
+                          (user_spent, (key.user_budget_micro_usd, key.user_budget_tokens))):
+        for used, add, limit in zip(spent, worst, limits):
+            if limit is not None and used + add > limit:
+                return False
+    return True
+
+
+class Billing:
+    """One model, its meter, price, limits and ledger: turns request bodies into billed answers.
+
+    `metered=False` (settings.metering "off", benchmarks only) skips key, limits, budgets and
+    ledger: the caller passes no key and nothing is billed.
+    """
+
+    def __init__(self, settings: Settings, runner: Runner, ledger: Ledger, meter: Meter,
+                 price: pricing.Price, instance_id: str, metrics: Optional[Metrics] = None,
+                 limiter: Optional[RateLimiter] = None):
+        self.settings, self.runner, self.ledger = settings, runner, ledger
+        self.meter, self.price, self.instance_id = meter, price, instance_id
+        self.metrics = metrics
+        self.limiter = limiter or RateLimiter()
+        self.metered = settings.metering != "off"
+        self.info = runner.info
+        # Bounded staleness, see serving.cache: keys by hash, spend by (owner, id, month).
+        self.keys: TtlCache[str, KeyRecord] = TtlCache(settings.key_cache_s)
+        self.spend: TtlCache[Tuple[str, str, str], Spend] = TtlCache(settings.key_cache_s)
+
+    # --- the steps, in order ----------------------------------------------------------------
+    async def authenticate(self, authorization: Optional[str]) -> KeyRecord:
+        """The key record behind an `Authorization: Bearer` header value; from the cache when
+        it was read less than key_cache_s ago (no thread hop), else from the ledger."""
+        try:
+            key_hash = hash_key(bearer_token(authorization))
+            record = self.keys.get(key_hash)
+            if record is None:
+                record = await to_thread.run_sync(self.ledger.key_by_hash, key_hash)
+                if record is not None:
+                    self.keys.put(key_hash, record)
+            return check_record(record)
+        except AuthError as exc:
+            raise Refused("authentication", exc.code, exc.message) from None
+
+    def parse(self, raw: bytes) -> Tuple[List[str], bool]:
+        return parse(raw, self.settings.max_texts)
+
+    def check_idempotency_key(self, idem: str) -> None:
+        limit = self.settings.max_idempotency_key_len
+        if len(idem) > limit or not IDEMPOTENCY_RE.match(idem):
+            raise invalid("invalid_idempotency_key",
+                          f"Idempotency-Key must be 1-{limit} printable ASCII characters")
+
+    def meter_texts(self, texts: Sequence[str], truncate: bool) -> Metered:
+        # On the event-loop thread only: one thread ever uses the tokenizer (HF fast
+        # tokenizers are not safe to share across threads), and it takes well under a ms.
+        try:
+            return self.meter.meter(texts, truncate)
+        except InputError as exc:
+            raise Refused(exc.kind, exc.code, exc.message) from None
+
+    def max_output_tokens(self, texts: int) -> int:
+        return self.meter.max_output_tokens_per_text * texts
+
+    def limit(self, key: KeyRecord, metered: Metered) -> None:
+        """RPM and TPM of the key; tokens are counted at their worst case (largest output)."""
+        s = self.settings
+        refusal = self.limiter.admit(key.id, metered.input_tokens
+                                     + self.max_output_tokens(len(metered.ids)),
+                                     key.rpm or s.default_rpm, key.tpm or s.default_tpm)
+        if refusal is not None:
+            raise Refused("rate_limit", refusal.code, refusal.message, refusal.retry_after_s)
+
+    async def reserve(self, key: KeyRecord, metered: Metered, ts: str) -> None:
+        """Cheap refusal before using the model when the worst case cannot fit the budgets,
+        from spend read at most key_cache_s ago; the authority is the conditional update in
+        `commit`, so a stale figure can cost a model call, never an overspend."""
+        if not key.has_budget:
+            return
+        max_out = self.max_output_tokens(len(metered.ids))
+        worst = (pricing.cost(self.price, metered.input_tokens, max_out).total_micro,
+                 metered.input_tokens + max_out)
+        if not budget_fits(key, *await self.month_spend(key, period_of(ts)), worst):
+            raise quota_refusal()
+
+    async def month_spend(self, key: KeyRecord, period: str) -> Tuple[Spend, Spend]:
+        """(key's, user's) spend in the month `period`, cached."""
+        k, u = ("key", key.id, period), ("user", key.user_id, period)
+        cached_key, cached_user = self.spend.get(k), self.spend.get(u)
+        if cached_key is not None and cached_user is not None:
+            return cached_key, cached_user
+        key_spent, user_spent = await to_thread.run_sync(self._read_spend, key, period)
+        self.spend.put(k, key_spent)
+        self.spend.put(u, user_spent)
+        return key_spent, user_spent
+
+    def _read_spend(self, key: KeyRecord, period: str) -> Tuple[Spend, Spend]:
+        return self.ledger.spent(key.id, period), self.ledger.user_spent(key.user_id, period)
+
+    async def run(self, metered: Metered) -> Tuple[List[int], np.ndarray]:
+        """Label ids and class probabilities, one row per text."""
+        try:
+            future = self.runner.submit(metered.ids)
+        except Overloaded:
+            raise Refused("overloaded", "overloaded", "the model is overloaded; retry later",
+                          retry_after_s=1) from None
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.runner.depth())
+        probs = await asyncio.wrap_future(future)
+        return [int(i) for i in np.argmax(probs, axis=1)], probs
+
+    def answer(self, event_id: str, label_ids: Sequence[int], probs: np.ndarray,
+               input_tokens: int, output_tokens: int, cost: pricing.Cost) -> str:
+        info, currency = self.info, self.price.currency
+        body = {
+            "id": event_id, "model": info.name, "model_version": info.version,
+            "results": [{"label": info.labels[i], "score": round(float(p[i]), 6)}
+                        for i, p in zip(label_ids, probs)],
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                      "total_tokens": input_tokens + output_tokens},
+            "cost": {"currency": currency,
+                     "input": pricing.micro_to_str(cost.input_micro),
+                     "output": pricing.micro_to_str(cost.output_micro),
+                     "total": pricing.micro_to_str(cost.total_micro)},
+        }
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+    async def commit(self, event: BillingEvent, key: KeyRecord) -> Answer:
+        """The billing row, durable before the answer leaves: a 200 the client sees is on disk.
+        A concurrent retry with the same idempotency key gets the first answer."""
+        result = await asyncio.wrap_future(self.ledger.commit_event(event, key))
+        if result.status == "duplicate":
+            return Answer(result.response or "", replayed=True)
+        if result.status == "insufficient_quota":
+            raise quota_refusal()
+        if key.has_budget:  # what this process billed, until the cached figures expire
+            period, add = period_of(event.ts), (event.cost_micro,
+                                                event.input_tokens + event.output_tokens)
+            for owner in (("key", key.id, period), ("user", key.user_id, period)):
+                self.spend.update(owner, lambda v: (v[0] + add[0], v[1] + add[1]))
+        return Answer(event.response)
+
+    # --- the whole flow -----------------------------------------------------------------------
+    async def analyze(self, key: Optional[KeyRecord], raw: bytes,
+                      idempotency_key: Optional[str] = None,
+                      request_id: Optional[str] = None) -> Answer:
+        """A billed answer for one request body, or Refused. `key` is None only unmetered."""
+        t0 = time.perf_counter()
+        texts, truncate = self.parse(raw)
+        idem = idempotency_key if key is not None else None
+        if key is not None and idem is not None:
+            self.check_idempotency_key(idem)
+            prior = await to_thread.run_sync(self.ledger.find_idempotent, key.id, idem)
+            if prior is not None:
+                return Answer(prior, replayed=True)
+        metered = self.meter_texts(texts, truncate)
+        ts = now_iso()
+        if key is not None:
+            self.limit(key, metered)
+            await self.reserve(key, metered, ts)
+        label_ids, probs = await self.run(metered)
+        output_tokens = self.meter.output_tokens(label_ids)
+        cost = pricing.cost(self.price, metered.input_tokens, output_tokens)
+        event_id = "evt_" + uuid.uuid4().hex
+        body = self.answer(event_id, label_ids, probs, metered.input_tokens, output_tokens, cost)
+        if key is None:
+            return Answer(body)
+        latency_us = int((time.perf_counter() - t0) * 1e6)
+        event = self.event(event_id, ts, key, metered.input_tokens, output_tokens, cost,
+                           latency_us, (request_id or event_id)[:100], idem, body)
+        answer = await self.commit(event, key)
+        if not answer.replayed:
+            self.record(event, metered.truncated)
+        return answer
+
+    def event(self, event_id: str, ts: str, key: KeyRecord, input_tokens: int,
+              output_tokens: int, cost: pricing.Cost, latency_us: int, request_id: str,
+              idem: Optional[str], body: str) -> BillingEvent:
+        info, price = self.info, self.price
+        return BillingEvent(
+            id=event_id, ts=ts, key_id=key.id, user_id=key.user_id, model=info.name,
+            model_version=info.version, input_tokens=input_tokens, output_tokens=output_tokens,
+            currency=price.currency, input_price_per_1k=str(price.input_per_1k),
+            output_price_per_1k=str(price.output_per_1k), input_cost_micro=cost.input_micro,
+            output_cost_micro=cost.output_micro, cost_micro=cost.total_micro,
+            latency_us=latency_us, request_id=request_id, instance_id=self.instance_id,
+            idempotency_key=idem, response=body)
+
+    def record(self, event: BillingEvent, truncated: int) -> None:
+        """Metrics and the billing log line of a billed (not replayed) answer."""
+        if self.metrics is not None:
+            m, name = self.metrics, event.model
+            m.billed.labels(name).inc()
+            m.tokens.labels(name, "input").inc(event.input_tokens)
+            m.tokens.labels(name, "output").inc(event.output_tokens)
+            m.cost.labels(name).inc(event.cost_micro)
+        billing_log.info(json.dumps({
+            "event": "billing_event", "id": event.id, "ts": event.ts, "key_id": event.key_id,
+            "user": event.user_id, "model": event.model, "model_version": event.model_version,
+            "input_tokens": event.input_tokens, "output_tokens": event.output_tokens,
+            "cost_micro_usd": event.cost_micro, "currency": event.currency,
+            "latency_ms": round(event.latency_us / 1000, 3), "instance_id": event.instance_id,
+            "truncated_texts": truncated,
+            "idempotency_key_set": event.idempotency_key is not None}))
+
+    # --- reading the ledger back ------------------------------------------------------------
+    async def usage(self, key: KeyRecord, user: Optional[str], start: Optional[str],
+                    end: Optional[str], granularity: str = "day") -> Dict[str, object]:
+        """Requests, tokens and cost by UTC day and model, start..end inclusive (default: this
+        month); only an admin key may read another user's."""
+        if granularity != "day":
+            raise invalid("invalid_granularity", "granularity must be `day`")
+        if user is not None and user != key.user_id and not key.is_admin:
+            raise Refused("permission", "forbidden",
+                          "only an admin key may read another user's usage")
+        try:
+            lo, hi = day_range(start, end)
+        except ValueError as exc:
+            raise invalid("invalid_date", f"start/end must be YYYY-MM-DD: {exc}") from None
+        who = user or key.user_id
+        rows = await to_thread.run_sync(self.ledger.usage, who, lo, hi)
+        total = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_micro": 0}
+        data = []
+        for r in rows:
+            for k in total:
+                total[k] += r[k]
+            data.append(self._usage_row(r))
+        return {"user": who, "start": lo, "end": hi, "granularity": "day", "data": data,
+                "total": self._usage_row(total)}
+
+    def _usage_row(self, r: Mapping[str, Union[int, str]]) -> Dict[str, object]:
+        out: Dict[str, object] = {k: v for k, v in r.items() if k != "cost_micro"}
+        out["total_tokens"] = int(r["input_tokens"]) + int(r["output_tokens"])
+        out["cost"] = {"currency": self.price.currency,
+                       "total": pricing.micro_to_str(int(r["cost_micro"]))}
+        return out

@@ -1,0 +1,235 @@
+"""The billing flow without HTTP (serving.billing.Billing): the real model runner in this process,
+a real SQLite ledger, the real tokenizer and pricing file. Every refusal has its kind and code
+and bills nothing; a billed answer agrees with the model's own files, the ledger and the
+metrics. Expected figures come from ModelFacts (plain tokenizers + yaml), not from serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from decimal import Decimal
+from pathlib import Path
+from typing import Iterator, List
+
+import numpy as np
+import pytest
+
+from serving.billing import Billing, Refused
+from serving.keys import create_key
+from serving.ledger import Ledger, open_ledger
+from serving.metering import Meter
+from serving.metrics import Metrics, parse_billing_totals
+from serving.model_dir import TOKENIZER_FILE
+from serving.pricing import price_for
+from serving.runner import MicroBatcher, ModelInfo, ModelRunner
+from serving.settings import Settings
+from serving.tokenization import default_buckets
+from tests.serving.conftest import PRICING_FILE, ModelFacts
+
+INSTANCE = "billing-test"
+MAX_TEXTS = 4
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir) -> Iterator[ModelRunner]:
+    r = ModelRunner(model_dir, execution="graph", warmup=False)
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def ledger(tmp_path) -> Iterator[Ledger]:
+    led = open_ledger(str(tmp_path / "ledger.sqlite3"))
+    led.start()
+    yield led
+    led.stop()
+    led.close()
+
+
+def make_billing(runner, ledger: Ledger, model_dir: Path, **settings) -> Billing:
+    s = Settings(model_dir=model_dir, ledger="unused", max_texts=MAX_TEXTS, **settings)
+    info = runner.info
+    meter = Meter(model_dir / TOKENIZER_FILE, info.max_tokens, info.labels)
+    return Billing(s, runner, ledger, meter, price_for(PRICING_FILE, info.name), INSTANCE,
+                   Metrics(INSTANCE, info.name, info.version))
+
+
+@pytest.fixture
+def billing(runner, ledger, model_dir) -> Billing:
+    return make_billing(runner, ledger, model_dir)
+
+
+def body(*texts: str, **extra) -> bytes:
+    payload = {"text": texts[0]} if len(texts) == 1 else {"texts": list(texts)}
+    return json.dumps({**payload, **extra}, ensure_ascii=False).encode()
+
+
+def refusal(coro) -> Refused:
+    with pytest.raises(Refused) as info:
+        asyncio.run(coro)
+    return info.value
+
+
+def refusal_and_model_calls(b: Billing, coro) -> "tuple[Refused, List[int]]":
+    """The refusal, and the model calls made while reaching it (batch sizes)."""
+    calls: List[int] = []
+    b.runner.set_batch_hook(calls.append)
+    try:
+        return refusal(coro), calls
+    finally:
+        b.runner.set_batch_hook(None)
+
+
+def billed(b: Billing) -> dict:
+    rows = b.ledger.totals_for_instance(INSTANCE)
+    assert parse_billing_totals(b.metrics.render().decode())["requests"] == rows["requests"]
+    return rows
+
+
+def test_a_request_is_billed_once_as_the_model_files_say(billing, facts: ModelFacts):
+    key, _ = create_key(billing.ledger, "ana")
+    texts = ["很好", "太差了，退货"]
+    answer = asyncio.run(billing.analyze(key, body(*texts), request_id="req-1"))
+    out = json.loads(answer.body)
+    assert not answer.replayed
+    labels = [r["label"] for r in out["results"]]
+    assert set(labels) <= set(facts.labels) and len(labels) == 2
+    n_in, n_out = facts.input_tokens(texts), facts.output_tokens(labels)
+    assert out["usage"] == {"input_tokens": n_in, "output_tokens": n_out,
+                            "total_tokens": n_in + n_out}
+    cost = facts.cost_micro(n_in, n_out)
+    assert Decimal(out["cost"]["total"]) * 1_000_000 == cost
+    assert billed(billing) == {"requests": 1, "input_tokens": n_in, "output_tokens": n_out,
+                               "cost_micro": cost}
+    assert billing.ledger.event_ids() == [out["id"]]
+
+
+def test_each_refusal_has_its_kind_and_code_and_bills_nothing(billing, facts: ModelFacts):
+    b = billing
+    key, _ = create_key(b.ledger, "bo")
+    other, _ = create_key(b.ledger, "cy")
+    cases = [
+        (b.authenticate(None), "authentication", "missing_api_key"),
+        (b.authenticate("Bearer tm_not-a-key"), "authentication", "invalid_api_key"),
+        (b.analyze(key, b"{not json"), "invalid", "invalid_json"),
+        (b.analyze(key, body(*["好"] * (MAX_TEXTS + 1))), "invalid", "too_many_texts"),
+        (b.analyze(key, body("好", truncate="yes")), "invalid", "invalid_truncate"),
+        (b.analyze(key, body("好"), idempotency_key="has space"), "invalid",
+         "invalid_idempotency_key"),
+        (b.analyze(key, body(facts.too_long_text())), "too_long", "input_too_long"),
+        (b.usage(key, other.user_id, None, None), "permission", "forbidden"),
+        (b.usage(key, None, "2026-13-01", None), "invalid", "invalid_date"),
+    ]
+    for coro, kind, code in cases:
+        r = refusal(coro)
+        assert (r.kind, r.code) == (kind, code), r.message
+    assert billed(b)["requests"] == 0
+    plain_key, plaintext = create_key(b.ledger, "dee")
+    b.ledger.revoke_key(plain_key.id)
+    r = refusal(b.authenticate(f"Bearer {plaintext}"))
+    assert (r.kind, r.code) == ("authentication", "revoked_api_key")
+
+
+def test_rate_limit_and_budget_refuse_before_the_model_and_bill_nothing(billing, facts):
+    b = billing
+    limited, _ = create_key(b.ledger, "eve", rpm=1)
+    asyncio.run(b.analyze(limited, body("好")))
+    r = refusal(b.analyze(limited, body("好")))
+    assert (r.kind, r.code) == ("rate_limit", "rate_limit_exceeded")
+    assert r.retry_after_s is not None and 1 <= r.retry_after_s <= 60
+    # One micro-USD cannot pay for any answer: refused by the pre-check, before the model.
+    poor, _ = create_key(b.ledger, "fay", budget_micro_usd=1)
+    r, model_calls = refusal_and_model_calls(b, b.analyze(poor, body("好")))
+    assert (r.kind, r.code, model_calls) == ("quota", "insufficient_quota", [])
+    assert billed(b)["requests"] == 1  # only eve's first request
+
+
+def test_a_revoked_key_is_refused_once_its_cached_record_expires(runner, ledger, model_dir):
+    now = [100.0]
+    b = make_billing(runner, ledger, model_dir, key_cache_s=5)
+    b.keys.clock = lambda: now[0]
+    record, plaintext = create_key(ledger, "ivy")
+    header = f"Bearer {plaintext}"
+    assert asyncio.run(b.authenticate(header)).id == record.id
+    ledger.revoke_key(record.id)
+    now[0] += 4.9  # within the documented bound the cached record still answers
+    assert asyncio.run(b.authenticate(header)).id == record.id
+    now[0] += 0.1
+    r = refusal(b.authenticate(header))
+    assert (r.kind, r.code) == ("authentication", "revoked_api_key")
+
+
+def test_the_budget_pre_check_counts_what_this_process_billed(billing, facts):
+    # Room for exactly one worst case of "好" (input + the longest label): the first request
+    # runs and is billed; the second is refused before the model from the cached spend,
+    # which the first commit updated (no ledger read in between: the cache is fresh).
+    worst = facts.input_tokens(["好"]) + facts.max_output_tokens
+    key, _ = create_key(billing.ledger, "jon", budget_tokens=worst)
+    asyncio.run(billing.analyze(key, body("好")))
+    r, model_calls = refusal_and_model_calls(billing, billing.analyze(key, body("好")))
+    assert (r.kind, r.code, model_calls) == ("quota", "insufficient_quota", [])
+    assert billed(billing)["requests"] == 1
+
+
+def test_an_idempotent_retry_replays_the_first_answer_and_bills_once(billing):
+    key, _ = create_key(billing.ledger, "gus")
+    first = asyncio.run(billing.analyze(key, body("非常满意"), idempotency_key="order-7"))
+    again = asyncio.run(billing.analyze(key, body("非常满意"), idempotency_key="order-7"))
+    assert again.replayed and not first.replayed
+    assert again.body == first.body
+    assert billed(billing)["requests"] == 1
+
+
+def test_unmetered_answers_without_a_key_and_bills_nothing(runner, ledger, model_dir, facts):
+    b = make_billing(runner, ledger, model_dir, metering="off", allow_unmetered=True)
+    assert not b.metered
+    out = json.loads(asyncio.run(b.analyze(None, body("很好"))).body)
+    assert out["usage"]["input_tokens"] == facts.input_tokens(["很好"])
+    assert ledger.event_ids() == []
+
+
+class GatedRunner:
+    """The real micro-batcher (queue of one) in front of a model that waits at a gate, so the
+    test decides when the queue is full. Satisfies serving.billing.Runner."""
+
+    def __init__(self, info: ModelInfo):
+        self.info, self.gate, self.entered = info, threading.Event(), threading.Event()
+        self.batcher = MicroBatcher(self._predict, default_buckets(info.max_tokens),
+                                    max_batch=1, max_wait_s=0.0, queue_size=1)
+        self.batcher.start()
+
+    def _predict(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.gate.wait(30)
+        return np.full((len(ids), len(self.info.labels)), 1 / len(self.info.labels))
+
+    def submit(self, rows: List[List[int]]):
+        return self.batcher.submit(rows)
+
+    def depth(self) -> int:
+        return self.batcher.depth()
+
+
+def test_a_full_queue_is_refused_as_overloaded_and_only_answers_are_billed(runner, ledger,
+                                                                           model_dir):
+    gated = GatedRunner(runner.info)
+    b = make_billing(gated, ledger, model_dir)
+    key, _ = create_key(ledger, "hal")
+
+    async def scenario():
+        running = asyncio.ensure_future(b.analyze(key, body("好")))
+        await asyncio.to_thread(gated.entered.wait, 30)  # the model holds request 1
+        queued = asyncio.ensure_future(b.analyze(key, body("好")))
+        while gated.depth() < 1:  # request 2 fills the queue of one
+            await asyncio.sleep(0.01)
+        with pytest.raises(Refused) as third:
+            await b.analyze(key, body("好"))
+        gated.gate.set()
+        await asyncio.gather(running, queued)
+        return third.value
+
+    r = asyncio.run(scenario())
+    gated.batcher.stop()
+    assert (r.kind, r.code, r.retry_after_s) == ("overloaded", "overloaded", 1)
+    assert billed(b)["requests"] == 2
