@@ -140,7 +140,8 @@ class Benchmark(BaseModel):
     # the endpoint's batch policy at each batch size.
     ceiling_modes: List[str] = Field(default_factory=lambda: ["eager", "graph", "xla"],
                                      min_length=1)
-    ceiling_batch_sizes: List[int] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
+    ceiling_batch_sizes: List[int] = Field(default_factory=lambda: [1, 8, 32, 64],
+                                           min_length=1)
     ceiling_lengths: List[int] = Field(default_factory=lambda: [64, 128], min_length=1)
     ceiling_seconds: float = Field(0.5, gt=0, description="timed calls per shape, after warm-up")
     ceiling_texts: int = Field(512, ge=1, description="texts per batch-policy run")
@@ -148,7 +149,13 @@ class Benchmark(BaseModel):
     execution: str = Field("graph", pattern="^(eager|graph|xla)$")
     max_batch: int = Field(32, ge=1)
     max_wait_ms: float = Field(2.0, ge=0)
-    concurrency: List[int] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
+    concurrency: List[int] = Field(default_factory=lambda: [1, 8, 32, 64], min_length=1)
+    headline_concurrency: int = Field(32, ge=1, description="where the ratios are read; one "
+                                                            "of `concurrency`")
+    # A second client on the metered endpoint: requests of `batch_texts` texts each.
+    batch_texts: int = Field(8, ge=0, description="texts per request of the batch client "
+                                                  "(0: skip it)")
+    batch_concurrency: List[int] = Field(default_factory=lambda: [4])
     duration_s: float = Field(8.0, gt=0, description="per concurrency level")
     max_requests: int = Field(20000, ge=1, description="per concurrency level")
     warmup_requests: int = Field(400, ge=0, description="at the top concurrency, untimed")
@@ -171,6 +178,9 @@ class Benchmark(BaseModel):
         if any(v < 1 for v in [*self.concurrency, *self.ceiling_batch_sizes,
                                *self.ceiling_lengths]):
             raise ValueError("concurrency, batch sizes and lengths must be >= 1")
+        if self.headline_concurrency not in self.concurrency:
+            raise ValueError(f"headline_concurrency {self.headline_concurrency} must be one "
+                             f"of concurrency {self.concurrency}")
         if sum(1 for h in self.hardware if h.measured) > 1:
             raise ValueError("hardware: at most one entry can be `measured: true`")
         return self

@@ -87,6 +87,8 @@ def parse(raw: bytes, max_texts: int) -> Tuple[List[str], bool]:
         payload = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise invalid("invalid_json", "the body is not valid JSON") from None
+    except RecursionError:  # e.g. 2 KB of `[[[[`: valid JSON nested deeper than Python recurses
+        raise invalid("invalid_json", "the body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise invalid("invalid_body", "the body must be a JSON object")
     unknown = sorted(set(payload) - {"text", "texts", "truncate"})

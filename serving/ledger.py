@@ -15,11 +15,12 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 from serving.errors import first_line
+from serving.futures import settle
 
 # Budgets left empty are stored as NULL; the conditional UPDATE compares against this.
 NO_LIMIT = 2 ** 62
@@ -452,13 +453,10 @@ class Ledger:
                         pass
                 conn = None
                 for p in group:
-                    p.future.set_exception(LedgerError(f"ledger commit failed: {exc}"))
+                    settle(p.future, error=LedgerError(f"ledger commit failed: {exc}"))
             else:
                 for p in group:
-                    if p.error is not None:
-                        p.future.set_exception(p.error)
-                    else:
-                        p.future.set_result(p.result)
+                    settle(p.future, p.result, p.error)
             if stop:
                 return
 
@@ -571,4 +569,7 @@ def day_range(start: Optional[str], end: Optional[str]) -> Tuple[str, str]:
     e = datetime.strptime(end, "%Y-%m-%d").date() if end else today
     if e < s:
         raise ValueError("end is before start")
+    if e == date.max:  # the day after it does not exist (OverflowError)
+        raise ValueError(f"end must be before {date.max.isoformat()}")
     return s.isoformat(), (e + timedelta(days=1)).isoformat()
+

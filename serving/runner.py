@@ -17,6 +17,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from serving.errors import first_line
+from serving.futures import settle
 from serving.model_dir import (
     CARD_FILE,
     INPUT_NAMES,
@@ -220,16 +221,18 @@ class MicroBatcher:
                     break
                 self._cond.wait(remaining)
             queue, n = self._queues[bucket], 0
-            jobs: List[_Job] = []
-            while queue and (not jobs or n + len(queue[0].rows) <= self.max_batch):
-                job = queue.popleft()
-                jobs.append(job)
-                n += len(job.rows)
+            taken: List[_Job] = []
+            while queue and (not taken or n + len(queue[0].rows) <= self.max_batch):
+                taken.append(queue.popleft())
+                n += len(taken[-1].rows)
             self._rows[bucket] -= n
-            self._jobs -= len(jobs)
-            return bucket, jobs
+            self._jobs -= len(taken)
+        # False for a job whose caller cancelled it (a client gone): no model work for it.
+        return bucket, [j for j in taken if j.future.set_running_or_notify_cancel()]
 
     def _run(self, length: int, jobs: List[_Job]) -> None:
+        if not jobs:  # all of them were cancelled
+            return
         rows = [r for job in jobs for r in job.rows]
         outputs = []
         # One call, unless a single job has more rows than max_batch (MAX_TEXTS > MAX_BATCH).
@@ -241,7 +244,7 @@ class MicroBatcher:
         probs = np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
         start = 0
         for job in jobs:
-            job.future.set_result(probs[start: start + len(job.rows)])
+            settle(job.future, probs[start: start + len(job.rows)])
             start += len(job.rows)
 
     def _loop(self) -> None:
@@ -254,8 +257,7 @@ class MicroBatcher:
                 self._run(bucket, jobs)
             except Exception as exc:  # a failed batch fails its requests, not the worker
                 for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                    settle(job.future, error=exc)
 
 
 class ModelRunner:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -73,18 +73,20 @@ def shape_grid(model_dir: Path, modes: Sequence[str], batch_sizes: Sequence[int]
 
 
 def policy_pass(predict, ids: Sequence[Sequence[int]], batch_size: int,
-                buckets: Sequence[int]) -> np.ndarray:
+                buckets: Sequence[int]) -> Tuple[np.ndarray, int]:
     """`ids` arriving in order, `batch_size` at a time, each window split by length bucket and
     padded to it: the most the endpoint's per-bucket batches can hold when `batch_size`
-    requests are waiting at once (concurrency = batch_size). Returns the argmax labels."""
+    requests are waiting at once (concurrency = batch_size). The argmax labels, model calls."""
     labels = np.zeros(len(ids), dtype=np.int64)
+    calls = 0
     for start in range(0, len(ids), batch_size):
         window = ids[start: start + batch_size]
         for length, members in group_by_bucket([len(r) for r in window], buckets):
             rows = [start + i for i in members]
             probs = predict(*pad([ids[i] for i in rows], length))
             labels[rows] = np.argmax(probs, axis=1)
-    return labels
+            calls += 1
+    return labels, calls
 
 
 def batch_policy(model_dir: Path, execution: str, ids: Sequence[Sequence[int]],
@@ -100,10 +102,11 @@ def batch_policy(model_dir: Path, execution: str, ids: Sequence[Sequence[int]],
     for bs in batch_sizes:
         policy_pass(predict, ids, bs, buckets)
         t0 = time.perf_counter()
-        labels = policy_pass(predict, ids, bs, buckets)
+        labels, calls = policy_pass(predict, ids, bs, buckets)
         elapsed = time.perf_counter() - t0
         tokens = input_tokens + sum(label_tokens[int(k)] for k in labels)
         out.append({"execution": execution, "batch_size": bs, "texts": len(ids),
+                    "rows_per_call": round(len(ids) / calls, 3),
                     "texts_per_s": round(len(ids) / elapsed, 3),
                     "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 3)})
     return out

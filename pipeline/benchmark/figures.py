@@ -7,6 +7,7 @@ Starts nothing, reads and writes no file, logs nothing; `outputs` turns the figu
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Dict, List, Optional, Sequence, SupportsFloat
 
@@ -84,9 +85,30 @@ def at(levels: Sequence[Dict[str, object]], c: int) -> Optional[Dict[str, object
     return next((r for r in levels if r["concurrency"] == c), None)
 
 
+def ceiling_at(policy: Sequence[Dict[str, object]], rows_per_call: float) -> Optional[float]:
+    """Model-only texts/s at a mean batch of `rows_per_call` rows, interpolated (log-log)
+    between the batch-policy points around it; None outside their range."""
+    pts = sorted((number(p["rows_per_call"]), number(p["texts_per_s"])) for p in policy
+                 if "rows_per_call" in p)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= rows_per_call <= x1:
+            if x1 == x0:
+                return y0
+            t = (math.log(rows_per_call) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+    return pts[0][1] if len(pts) == 1 and pts[0][0] == rows_per_call else None
+
+
+def pct_change(new: object, old: object) -> Optional[float]:
+    """(new - old) / old in percent, 2 places; None when either is missing or old is 0."""
+    if new is None or old is None or not number(old):
+        return None
+    return round((number(new) - number(old)) / number(old) * 100, 2)
+
+
 def ratios(b: Benchmark, grid: List[dict], policy: List[dict],
            servers: Dict[str, dict]) -> Dict[str, object]:
-    top = max(b.concurrency)
+    top = b.headline_concurrency
     out: Dict[str, object] = {"at_concurrency": top}
     ep = at(servers["endpoint"]["levels"], top)
     if ep is None:  # measure() runs every level of b.concurrency
@@ -99,15 +121,35 @@ def ratios(b: Benchmark, grid: List[dict], policy: List[dict],
     ceil = max(fits, key=lambda p: p["batch_size"])
     out["ceiling_batch_size"] = ceil["batch_size"]
     out["served_vs_ceiling"] = round(number(ep["req_per_s"]) / float(ceil["texts_per_s"]), 4)
+    # Against the model alone at the batch size the server actually formed (rows per call).
+    batches = ep.get("batches")
+    formed = batches.get("mean_batch_size") if isinstance(batches, dict) else None
+    at_formed = ceiling_at(policy, number(formed)) if formed else None
+    out["formed_rows_per_call"] = formed
+    out["served_vs_ceiling_at_formed_batch"] = round(number(ep["req_per_s"]) / at_formed, 4) \
+        if at_formed else None
+    out["p99_over_p50"] = round(number(ep["p99_ms"]) / number(ep["p50_ms"]), 3) \
+        if ep["p50_ms"] and ep["p99_ms"] else None
+    batch = servers["endpoint"].get("batch_levels") or []
+    if batch:
+        best_batch = best(batch, "texts_per_s")
+        out["batch_client"] = {
+            "texts_per_request": best_batch["texts_per_request"],
+            "concurrency": best_batch["concurrency"], "texts_per_s": best_batch["texts_per_s"],
+            "vs_ceiling": round(number(best_batch["texts_per_s"]) / float(ceil["texts_per_s"]),
+                                4)}
     if "unmetered" in servers:
         over = {}
         for on in servers["endpoint"]["levels"]:
             off = at(servers["unmetered"]["levels"], int(number(on["concurrency"])))
-            if off and off["p50_ms"] and on["p50_ms"]:
-                over[f"c{on['concurrency']}"] = round(
-                    (number(on["p50_ms"]) - number(off["p50_ms"])) / number(off["p50_ms"]) * 100,
-                    2)
+            if off:
+                over[f"c{on['concurrency']}"] = pct_change(on["p50_ms"], off["p50_ms"])
         out["metering_overhead_p50_pct"] = over
+        off = at(servers["unmetered"]["levels"], top)
+        # Throughput metering costs, in percent of the unmetered req/s (positive = lost).
+        out["metering_overhead_req_s_pct"] = round(
+            (number(off["req_per_s"]) - number(ep["req_per_s"])) / number(off["req_per_s"])
+            * 100, 2) if off and off["req_per_s"] else None
     speed: Dict[str, List[float]] = {}
     for row in grid:
         speed.setdefault(row["mode"], []).append(float(row["rows_per_s"]))

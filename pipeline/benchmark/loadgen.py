@@ -158,6 +158,7 @@ def summarize(result: LoadResult) -> Dict[str, Optional[float]]:
     n, dur = len(result.records), max(result.duration_s, 1e-9)
     lat = [r.latency_s * 1000 for r in ok]
     tokens = sum(r.tokens for r in ok)
+    texts = sum(r.texts for r in ok)
     return {
         "concurrency": result.concurrency,
         "requests": n,
@@ -166,6 +167,7 @@ def summarize(result: LoadResult) -> Dict[str, Optional[float]]:
         "error_rate": round((n - len(ok)) / n, 6) if n else 0.0,
         "duration_s": round(dur, 4),
         "req_per_s": round(len(ok) / dur, 3),
+        "texts_per_s": round(texts / dur, 3),
         "tokens": tokens,
         "tokens_per_s": round(tokens / dur, 3),
         "mean_tokens_per_request": round(tokens / len(ok), 4) if ok else 0.0,

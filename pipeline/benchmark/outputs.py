@@ -58,7 +58,8 @@ def cost_csv(policy: List[dict], hw: Optional[Hardware], revenue_per_1k: float) 
     return buf.getvalue().encode()
 
 
-def draw_plots(b: Benchmark, servers: Dict[str, dict], cost_rows: bytes) -> List[Path]:
+def draw_plots(b: Benchmark, servers: Dict[str, dict], cost_rows: bytes,
+               policy: Sequence[Dict[str, object]] = ()) -> List[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,6 +81,15 @@ def draw_plots(b: Benchmark, servers: Dict[str, dict], cost_rows: bytes) -> List
     for name, s in servers.items():
         ax.plot([r["concurrency"] for r in s["levels"]], [r["req_per_s"] for r in s["levels"]],
                 "-o", label=name)
+    batch = servers.get("endpoint", {}).get("batch_levels") or []
+    if batch:
+        ax.plot([r["concurrency"] for r in batch], [r["texts_per_s"] for r in batch], "s",
+                label=f"endpoint, {b.batch_texts} texts/request (texts/s)")
+    fits = [p for p in policy if int(str(p["batch_size"])) <= b.max_batch]
+    if fits:
+        top = max(fits, key=lambda p: int(str(p["batch_size"])))
+        ax.axhline(float(str(top["texts_per_s"])), color="gray", ls="--",
+                   label=f"model-only ceiling, batch {top['batch_size']} (texts/s)")
     ax.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="answered req/s (200)",
            title="Throughput vs concurrency")
     ax.legend(fontsize=7)
@@ -127,6 +137,10 @@ def log_mlflow(b: Benchmark, report: dict, artifacts: Sequence[Path]) -> str:
             for lvl in s["levels"]:
                 flat.update(flatten(f"{name}.c{lvl['concurrency']}",
                                     {k: v for k, v in lvl.items() if k != "error_kinds"}))
+            for lvl in s.get("batch_levels", []):
+                flat.update(flatten(f"{name}.texts{lvl['texts_per_request']}.c"
+                                    f"{lvl['concurrency']}",
+                                    {k: v for k, v in lvl.items() if k != "error_kinds"}))
         for p in report["ceiling"]["policy"]:
             flat[f"ceiling.policy.b{p['batch_size']}.tokens_per_s"] = p["tokens_per_s"]
         for g in report["ceiling"]["grid"]:
@@ -153,10 +167,20 @@ def table(report: dict) -> str:
                          f"{r['error_rate']:>6.1%} {batch:>6} {r['server_cores'] or '-':>7} "
                          f"{r['client_cores']:>7}")
     ra = report["ratios"]
+    for name, s in report["servers"].items():
+        for r in s.get("batch_levels", []):
+            lines.append(f"{name} with {r['texts_per_request']} texts per request, "
+                         f"c={r['concurrency']}: {r['texts_per_s']} texts/s, "
+                         f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
+    ra = report["ratios"]
     lines.append(f"ratios at c={ra['at_concurrency']}: endpoint/naive "
                  f"{ra.get('endpoint_vs_naive_req_s')}x, served/ceiling "
-                 f"{ra['served_vs_ceiling']:.0%} (b={ra['ceiling_batch_size']}), metering "
-                 f"overhead p50 {ra.get('metering_overhead_p50_pct')}%, fastest mode "
+                 f"{ra['served_vs_ceiling']:.0%} (b={ra['ceiling_batch_size']}; "
+                 f"{ra.get('served_vs_ceiling_at_formed_batch')} at the formed "
+                 f"{ra.get('formed_rows_per_call')} rows/call), p99/p50 "
+                 f"{ra.get('p99_over_p50')}, metering overhead p50 "
+                 f"{ra.get('metering_overhead_p50_pct')}% and req/s "
+                 f"{ra.get('metering_overhead_req_s_pct')}%, fastest mode "
                  f"{ra['fastest_mode']}, xla/graph {ra.get('xla_vs_graph_median')}")
     for kind, cap in report["ledger_capacity"].items():
         lines.append(f"ledger {kind}: " + (f"{cap['events_per_s']} billed rows/s durable, "

@@ -77,6 +77,15 @@ def request_bodies(texts: Sequence[str]) -> List[bytes]:
             for t in texts]
 
 
+def batch_bodies(texts: Sequence[str], per_request: int) -> List[bytes]:
+    """Requests of `per_request` texts each (`texts`), consecutive texts of the sample."""
+    import json
+
+    return [json.dumps({"texts": list(texts[i: i + per_request]), "truncate": True},
+                       ensure_ascii=False).encode("utf-8")
+            for i in range(0, len(texts) - per_request + 1, per_request)]
+
+
 # --- servers ----------------------------------------------------------------------------------
 def endpoint(name: str, model_dir: Path, ledger: Path, b: Benchmark, metering: bool,
              out_dir: Path) -> ServerProcess:
@@ -113,50 +122,65 @@ def create_key(ledger: Path) -> str:
 
 
 # --- load -------------------------------------------------------------------------------------
+def level(server: ServerProcess, url: str, bodies: Sequence[bytes], per_body: int, c: int,
+          b: Benchmark, headers: Dict[str, str], scrape: bool, load: LoadFn
+          ) -> Tuple[Dict[str, object], LoadResult]:
+    """One concurrency level: its summary (server and client CPU, batch sizes) and records."""
+    before = batch_histogram(http_get(server.port, "/metrics")[1]) if scrape else {}
+    cpu0, client0 = cpu_seconds(server.pid or 0), time.process_time()
+    res = load(url, bodies, [per_body] * len(bodies), c, b.duration_s, b.max_requests, headers,
+               b.request_timeout_s)
+    cpu1, client1 = cpu_seconds(server.pid or 0), time.process_time()
+    row: Dict[str, object] = dict(summarize(res))
+    row["texts_per_request"] = per_body
+    # Where the 2 cores went: cores busy in the server and in this (client) process.
+    row["server_cores"] = round((cpu1 - cpu0) / res.duration_s, 3) \
+        if cpu0 is not None and cpu1 is not None else None
+    row["client_cores"] = round((client1 - client0) / res.duration_s, 3)
+    if scrape:
+        row["batches"] = batch_distribution(
+            before, batch_histogram(http_get(server.port, "/metrics")[1]))
+    row["error_kinds"] = sorted({r.error for r in res.records if r.status != 200})[:5]
+    print(f"benchmark: {server.name} c={c} x{per_body} text(s): {row['req_per_s']} req/s, "
+          f"p50 {row['p50_ms']} ms, errors {row['error_rate']:.1%}", flush=True)
+    return row, res
+
+
 def drive(server: ServerProcess, bodies: Sequence[bytes], b: Benchmark,
-          headers: Dict[str, str], scrape: bool, load: LoadFn = run_load
-          ) -> Tuple[List[Dict[str, object]], List[Tuple[str, int, Record]]]:
-    """Warm-up, then each concurrency level; per-level summary and every request record."""
+          headers: Dict[str, str], scrape: bool, load: LoadFn = run_load,
+          batched: Sequence[bytes] = ()) -> Dict[str, object]:
+    """Warm-up, each concurrency level of one-text requests, then (when `batched` is given)
+    each level of the batch client; summaries and every request record."""
     url = server.url + "/v1/analyze"
-    ntexts = [1] * len(bodies)
     records: List[Tuple[str, int, Record]] = []
     if b.warmup_requests:
-        # At the top concurrency, so the batch shapes the levels will see are traced first
-        # (each new shape costs the runner ~0.1-0.5 s once; steady state is what we report).
-        warm = load(url, bodies, ntexts, min(max(b.concurrency), b.warmup_requests),
+        # At the top concurrency, so the model's shapes are warm before anything is timed
+        # (steady state is what we report).
+        warm = load(url, bodies, [1] * len(bodies), min(max(b.concurrency), b.warmup_requests),
                     b.request_timeout_s * 2, b.warmup_requests, headers, b.request_timeout_s)
         records += [("warmup", warm.concurrency, r) for r in warm.records]
-    levels = []
+    levels, batch_levels = [], []
     for c in b.concurrency:
-        before = batch_histogram(http_get(server.port, "/metrics")[1]) if scrape else {}
-        cpu0, client0 = cpu_seconds(server.pid or 0), time.process_time()
-        res = load(url, bodies, ntexts, c, b.duration_s, b.max_requests, headers,
-                   b.request_timeout_s)
-        cpu1, client1 = cpu_seconds(server.pid or 0), time.process_time()
-        row: Dict[str, object] = dict(summarize(res))
-        # Where the 2 cores went: cores busy in the server and in this (client) process.
-        row["server_cores"] = round((cpu1 - cpu0) / res.duration_s, 3) \
-            if cpu0 is not None and cpu1 is not None else None
-        row["client_cores"] = round((client1 - client0) / res.duration_s, 3)
-        if scrape:
-            row["batches"] = batch_distribution(
-                before, batch_histogram(http_get(server.port, "/metrics")[1]))
-        errors = sorted({r.error for r in res.records if r.status != 200})
-        row["error_kinds"] = errors[:5]
+        row, res = level(server, url, bodies, 1, c, b, headers, scrape, load)
         levels.append(row)
         records += [("measure", c, r) for r in res.records]
-        print(f"benchmark: {server.name} c={c}: {row['req_per_s']} req/s, p50 {row['p50_ms']} "
-              f"ms, errors {row['error_rate']:.1%}", flush=True)
-    return levels, records
+    for c in (b.batch_concurrency if batched else []):
+        row, res = level(server, url, batched, b.batch_texts, c, b, headers, scrape, load)
+        batch_levels.append(row)
+        records += [(f"batch{b.batch_texts}", c, r) for r in res.records]
+    out: Dict[str, object] = {"levels": levels, "records": records}
+    if batch_levels:
+        out["batch_levels"] = batch_levels
+    return out
 
 
 def measure_server(server: ServerProcess, bodies: Sequence[bytes], b: Benchmark,
-                   headers: Dict[str, str], scrape: bool, load: LoadFn = run_load
-                   ) -> Dict[str, object]:
+                   headers: Dict[str, str], scrape: bool, load: LoadFn = run_load,
+                   batched: Sequence[bytes] = ()) -> Dict[str, object]:
     """Start `server`, drive it, and stop it (process group included) whatever happens."""
     with server:
-        levels, records = drive(server, bodies, b, headers, scrape, load)
-    return {"pid": server.pid, "port": server.port, "levels": levels, "records": records}
+        measured = drive(server, bodies, b, headers, scrape, load, batched)
+    return {"pid": server.pid, "port": server.port, **measured}
 
 
 def ledger_totals(path: Path) -> Dict[str, int]:
@@ -191,20 +215,15 @@ def benchmark(model_dir: Path, b: Benchmark, out_dir: Path,
     policy = ceiling.batch_policy(model_dir, b.execution, ids[: b.ceiling_texts],
                                   b.ceiling_batch_sizes, label_tokens)
 
-    pg = b.ledger_pg_dsn or os.environ.get("TOKENMETER_TEST_PG_DSN")
-    capacity = {"sqlite": ledger_capacity.sqlite(out_dir, b.ledger_events, b.ledger_inflight,
-                                                 b.ledger_seconds),
-                "postgresql": ledger_capacity.postgresql(pg, b.ledger_events,
-                                                         b.ledger_inflight, b.ledger_seconds)}
-
     bodies = request_bodies(texts)
     ledger = out_dir / "ledger.sqlite3"
     fresh_ledger(ledger)
     key = create_key(ledger)
     servers: Dict[str, dict] = {}
+    batched = batch_bodies(texts, b.batch_texts) if b.batch_texts else []
     servers["endpoint"] = measure_server(endpoint("endpoint", model_dir, ledger, b, True, out_dir),
                                          bodies, b, {"Authorization": f"Bearer {key}"}, True,
-                                         load)
+                                         load, batched)
     if b.metering_off:
         scratch = out_dir / "unmetered-ledger.sqlite3"
         fresh_ledger(scratch)
@@ -216,6 +235,13 @@ def benchmark(model_dir: Path, b: Benchmark, out_dir: Path,
         servers["naive"] = measure_server(naive(model_dir, b, out_dir), bodies, b,
                                           {"X-User-ID": "benchmark"}, False, load)
 
+    # After the servers: thousands of fsyncs (and a PostgreSQL checkpoint) leave the disk busy
+    # for seconds, which showed as +80% on the next server's p50 at concurrency 1.
+    pg = b.ledger_pg_dsn or os.environ.get("TOKENMETER_TEST_PG_DSN")
+    capacity = {"sqlite": ledger_capacity.sqlite(out_dir, b.ledger_events, b.ledger_inflight,
+                                                 b.ledger_seconds),
+                "postgresql": ledger_capacity.postgresql(pg, b.ledger_events,
+                                                         b.ledger_inflight, b.ledger_seconds)}
     billed = ledger_totals(ledger)
     ok = [r for _, _, r in servers["endpoint"]["records"] if r.status == 200]
     servers["endpoint"]["ledger"] = {
@@ -267,7 +293,7 @@ def main() -> None:
     measured = next((h for h in b.hardware if h.measured), None)
     costs = cost_csv(report["ceiling"]["policy"], measured, report["cost"]["revenue_per_1k_usd"])
     write_atomic(paths.BENCHMARK_COST_CSV, costs)
-    plots = draw_plots(b, servers, costs)
+    plots = draw_plots(b, servers, costs, report["ceiling"]["policy"])
     write_json(paths.metrics_file("benchmark"), report)
     report["mlflow_run_id"] = log_mlflow(
         b, report, [paths.BENCHMARK_REQUESTS, paths.BENCHMARK_LOAD_CSV, paths.BENCHMARK_COST_CSV,

@@ -96,6 +96,27 @@ def test_every_load_figure_is_present_and_agrees_with_the_request_records(bench)
                 assert batches["rows"] == lv["requests"]  # one text per request
 
 
+def test_the_batch_client_sends_its_texts_per_request_and_they_reach_the_model(bench):
+    ws, _, report = bench
+    b = load(Benchmark, ws / "params.yaml")
+    [lv] = report["servers"]["endpoint"]["batch_levels"]
+    assert (lv["concurrency"], lv["texts_per_request"]) == (b.batch_concurrency[0], b.batch_texts)
+    mine = [r for r in _records(ws) if r["server"] == "endpoint"
+            and r["phase"] == f"batch{b.batch_texts}"]
+    assert len(mine) == lv["requests"] > 0
+    assert {int(r["texts"]) for r in mine} == {b.batch_texts}
+    # The server's own histogram counted every text of every request as a model row.
+    assert lv["batches"]["rows"] == b.batch_texts * lv["requests"]
+    assert lv["texts_per_s"] > lv["req_per_s"]
+    ratios = report["ratios"]
+    assert ratios["batch_client"]["texts_per_s"] == lv["texts_per_s"]
+    head = [x for x in report["servers"]["endpoint"]["levels"]
+            if x["concurrency"] == b.headline_concurrency][0]
+    assert ratios["at_concurrency"] == b.headline_concurrency
+    assert ratios["formed_rows_per_call"] == head["batches"]["mean_batch_size"]
+    assert ratios["p99_over_p50"] >= 1
+
+
 def test_cost_figures_agree_with_the_pricing_file_and_the_load(bench):
     _, _, report = bench
     cost = report["cost"]

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from pipeline.benchmark.figures import batch_distribution, cost_table
+from pipeline.benchmark.figures import batch_distribution, ceiling_at, cost_table
 from pipeline.benchmark.loadgen import percentile, run_load, summarize
 from pipeline.benchmark.process import HOST, free_port
 from pipeline.params import Benchmark, Hardware
@@ -147,3 +147,14 @@ def test_benchmark_params_refuse_bad_values():
                             Hardware(name="b", usd_per_hour=1, measured=True)])
     with pytest.raises(ValueError, match="no assumed"):
         Hardware(name="a", usd_per_hour=1, measured=True, assumed_tokens_per_s=5)
+
+
+def test_ceiling_at_a_batch_size_interpolates_log_log_between_measured_points():
+    policy = [{"rows_per_call": 1.0, "texts_per_s": 100.0},
+              {"rows_per_call": 4.0, "texts_per_s": 400.0},
+              {"rows_per_call": 16.0, "texts_per_s": 800.0}]
+    assert ceiling_at(policy, 4.0) == pytest.approx(400.0)
+    assert ceiling_at(policy, 2.0) == pytest.approx(200.0)  # halfway in log: sqrt(100 * 400)
+    assert ceiling_at(policy, 8.0) == pytest.approx(800 / 2 ** 0.5)  # sqrt(400 * 800)
+    assert ceiling_at(policy, 32.0) is None  # outside what was measured: no figure
+    assert ceiling_at(policy, 0.5) is None

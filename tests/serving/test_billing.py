@@ -120,6 +120,8 @@ def test_each_refusal_has_its_kind_and_code_and_bills_nothing(billing, facts: Mo
         (b.analyze(key, body(facts.too_long_text())), "too_long", "input_too_long"),
         (b.usage(key, other.user_id, None, None), "permission", "forbidden"),
         (b.usage(key, None, "2026-13-01", None), "invalid", "invalid_date"),
+        (b.usage(key, None, None, "9999-12-31"), "invalid", "invalid_date"),
+        (b.analyze(key, b"[" * 2048 + b"]" * 2048), "invalid", "invalid_json"),
     ]
     for coro, kind, code in cases:
         r = refusal(coro)

@@ -67,6 +67,20 @@ def test_billed_event_is_readable_after_commit(target):
     other.close()
 
 
+def test_a_cancelled_commit_future_does_not_stop_the_writer(target):
+    # A caller that gives up (client gone, timeout wrapper) cancels its future; the writer then
+    # cannot set its result and must carry on committing for everyone else.
+    ledger = open_ledger(target)
+    ledger.start()
+    key, _ = create_key(ledger, "alice")
+    gone = event(key)
+    assert ledger.commit_event(gone, key).cancel()  # still queued: its fsync is ahead
+    later = event(key)
+    assert commit(ledger, later, key).status == "billed"
+    assert later.id in ledger.event_ids()
+    ledger.close()
+
+
 def test_same_idempotency_key_bills_once_and_returns_the_first_answer(target):
     ledger = open_ledger(target)
     ledger.start()

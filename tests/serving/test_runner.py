@@ -258,3 +258,20 @@ def test_an_idle_batcher_does_not_wait_to_fill_a_batch():
     b.start()
     assert b.submit([[1]]).result(timeout=5).shape == (1, 2)
     b.stop()
+
+
+def test_a_cancelled_request_gets_no_model_work_and_does_not_stop_the_worker():
+    now = [0.0]
+    b, model = _held_batcher(now)
+    gone = b.submit([[1] * 7])
+    kept = b.submit([[1] * 6])
+    assert gone.cancel()  # its caller gave up while it waited
+    model.step()
+    assert model.shapes[1] == (1, 8)  # only the kept job reached the model
+    model.step()
+    assert kept.result(timeout=30).shape == (1, 2)
+    # The worker is alive: a later request is answered.
+    later = b.submit([[1]])
+    model.step()
+    assert later.result(timeout=30).shape == (1, 2)
+    b.stop()
