@@ -253,9 +253,12 @@ async def healthz() -> Dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     c: Components = request.app.state.components
     writable = await to_thread.run_sync(c.ledger.writable)
-    ready = c.runner.ready and writable
+    # A dead worker thread would leave every request waiting: not ready.
+    threads = {"model_runner_alive": c.runner.alive(),
+               "ledger_writer_alive": c.ledger.writer_alive()}
+    ready = c.runner.ready and writable and all(threads.values())
     return JSONResponse({"ready": ready, "model_loaded": c.runner.ready,
-                         "ledger_writable": writable, "model": c.runner.info.name,
+                         "ledger_writable": writable, **threads, "model": c.runner.info.name,
                          "model_version": c.runner.info.version},
                         status_code=200 if ready else 503)
 

@@ -354,6 +354,10 @@ class Ledger:
             self._writer.join(timeout=10)
             self._writer = None
 
+    def writer_alive(self) -> bool:
+        """Whether the writer thread runs (started and not dead): /readyz reports it."""
+        return self._writer is not None and self._writer.is_alive()
+
     def commit_event(self, event: BillingEvent, key: KeyRecord) -> Future:
         """Queue a billing row; the future resolves to a CommitResult once it is durable.
 

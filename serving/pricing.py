@@ -61,6 +61,8 @@ def usd_to_micro(value: str) -> int:
         d = Decimal(str(value))
     except InvalidOperation as exc:
         raise PricingError(f"not a decimal amount: {value!r}") from exc
+    if not d.is_finite():
+        raise PricingError(f"amount must be a finite number of USD, e.g. 5.00: {value!r}")
     micro = d / MICRO
     if micro != micro.to_integral_value() or d < 0:
         raise PricingError(f"amount must be >= 0 with at most 6 decimal places: {value!r}")
@@ -75,6 +77,8 @@ def _decimal(v, where: str) -> Decimal:
         d = Decimal(str(v))
     except InvalidOperation as exc:
         raise PricingError(f"{where}: not a decimal: {v!r}") from exc
+    if not d.is_finite():
+        raise PricingError(f"{where}: a price must be a finite decimal, e.g. \"0.002\": {v!r}")
     if d < 0:
         raise PricingError(f"{where}: negative price {v!r}")
     return d

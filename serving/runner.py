@@ -173,6 +173,9 @@ class MicroBatcher:
     def depth(self) -> int:
         return self._jobs
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def submit(self, rows: List[List[int]]) -> Future:
         now = self.clock()
         job = _Job(rows, bucket_length(max(len(r) for r in rows), self.buckets), now)
@@ -284,6 +287,10 @@ class ModelRunner:
     def depth(self) -> int:
         """Jobs waiting for the model."""
         return self.batcher.depth()
+
+    def alive(self) -> bool:
+        """Whether the worker thread that runs the model is alive (/readyz reports it)."""
+        return self.batcher.alive()
 
     def set_batch_hook(self, hook: Optional[Callable[[int], None]]) -> None:
         """Call `hook(rows)` after every model call (e.g. a batch-size histogram)."""

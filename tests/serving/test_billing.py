@@ -235,3 +235,24 @@ def test_a_full_queue_is_refused_as_overloaded_and_only_answers_are_billed(runne
     gated.batcher.stop()
     assert (r.kind, r.code, r.retry_after_s) == ("overloaded", "overloaded", 1)
     assert billed(b)["requests"] == 2
+
+
+def test_readyz_says_not_ready_when_the_ledger_writer_is_gone(runner, ledger, model_dir):
+    import httpx
+
+    from serving.app import Components, create_app
+
+    b = make_billing(runner, ledger, model_dir)
+    app = create_app(Components(b.settings, runner, ledger, b.meter, b.price, INSTANCE))
+
+    async def readyz() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await client.get("/readyz")
+
+    r = asyncio.run(readyz())
+    assert r.status_code == 200 and r.json()["ledger_writer_alive"] is True
+    ledger.stop()  # as if the writer thread had died: every commit would wait forever
+    r = asyncio.run(readyz())
+    assert r.status_code == 503
+    assert r.json()["ledger_writer_alive"] is False and r.json()["model_runner_alive"] is True

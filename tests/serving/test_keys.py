@@ -61,3 +61,14 @@ def test_cli_errors_are_one_line(tmp_path):
             check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("error: settings: TOKENMETER_EXECUTION")
+
+
+@pytest.mark.parametrize("args", [["--budget-usd", "Infinity"], ["--budget-usd", "NaN"],
+                                  ["--rpm", "-1"], ["--tpm", "-5"], ["--budget-tokens", "-1"],
+                                  ["--rpm", "ten"]])
+def test_impossible_limits_and_budgets_are_one_line_errors_and_create_nothing(tmp_path, args):
+    ledger = str(tmp_path / "l.sqlite3")
+    r = cli(ledger, "keys", "create", "--user", "u", *args, check=False)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].count("error") == 1 and "Traceback" not in r.stderr
+    assert json.loads(cli(ledger, "keys", "list", "--json").stdout) == []

@@ -93,3 +93,13 @@ def test_usd_to_micro():
         pricing.usd_to_micro("0.0000001")
     with pytest.raises(pricing.PricingError):
         pricing.usd_to_micro("-1")
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "sNaN"])
+def test_non_finite_amounts_and_prices_are_refused(value, tmp_path):
+    with pytest.raises(pricing.PricingError, match="finite"):
+        pricing.usd_to_micro(value)
+    f = tmp_path / "p.yaml"
+    f.write_text(f"models:\n  m: {{input_per_1k: '{value}', output_per_1k: '1'}}\n")
+    with pytest.raises(pricing.PricingError, match="finite"):
+        pricing.load_prices(f)
