@@ -117,6 +117,7 @@ ERROR_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d} for s, d in (
         (400, "malformed JSON, missing/empty/non-string text, too many texts, body too large"),
         (401, "missing, unknown or revoked API key"),
+        (409, "idempotency_key_reused: the Idempotency-Key was used for another request"),
         (413, "a text longer than the model's maximum tokens (without truncate)"),
         (429, "RPM/TPM limit (with Retry-After) or code insufficient_quota (key or user budget)"),
         (503, "overloaded: the model queue is full"))}
@@ -138,6 +139,7 @@ HTTP_OF_KIND: Dict[str, Tuple[int, str]] = {
     "permission": (403, "permission_error"),
     "invalid": (400, "invalid_request_error"),
     "too_long": (413, "invalid_request_error"),
+    "conflict": (409, "invalid_request_error"),
     "rate_limit": (429, "rate_limit_error"),
     "quota": (429, "insufficient_quota"),
     "overloaded": (503, "overloaded_error"),

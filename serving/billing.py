@@ -10,6 +10,7 @@ An answer is returned only after its billing row is durable; a refusal is never 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -37,8 +38,8 @@ billing_log = logging.getLogger("tokenmeter.billing")
 IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
 
 # What a refusal can be; serving.app gives each its status code (README "Errors").
-KINDS = ("authentication", "permission", "invalid", "too_long", "rate_limit", "quota",
-         "overloaded")
+KINDS = ("authentication", "permission", "invalid", "too_long", "conflict", "rate_limit",
+         "quota", "overloaded")
 
 
 class Refused(Exception):
@@ -55,6 +56,27 @@ class Refused(Exception):
 
 def invalid(code: str, message: str) -> Refused:
     return Refused("invalid", code, message)
+
+
+def reused_key_refusal() -> Refused:
+    return Refused("conflict", "idempotency_key_reused",
+                   "this Idempotency-Key was already used with a different request; send a "
+                   "new key for a new request (nothing was billed)")
+
+
+def request_hash(texts: Sequence[str], truncate: bool, model: str, version: str) -> str:
+    """What a request asks, as a hash: the same Idempotency-Key may only repeat it."""
+    canonical = json.dumps([model, version, truncate, list(texts)], ensure_ascii=False,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def replay(prior_body: Optional[str], prior_hash: Optional[str], this_hash: str) -> Answer:
+    """The first answer for a retry of the same request; a conflict for another request.
+    Rows from before request hashes were stored (NULL) replay as they always did."""
+    if prior_hash is not None and prior_hash != this_hash:
+        raise reused_key_refusal()
+    return Answer(prior_body or "", replayed=True)
 
 
 def quota_refusal() -> Refused:
@@ -258,8 +280,8 @@ class Billing:
         """The billing row, durable before the answer leaves: a 200 the client sees is on disk.
         A concurrent retry with the same idempotency key gets the first answer."""
         result = await asyncio.wrap_future(self.ledger.commit_event(event, key))
-        if result.status == "duplicate":
-            return Answer(result.response or "", replayed=True)
+        if result.status == "duplicate":  # a concurrent request with the same key won
+            return replay(result.response, result.request_hash, event.request_hash or "")
         if result.status == "insufficient_quota":
             raise quota_refusal()
         if key.has_budget:  # what this process billed, until the cached figures expire
@@ -277,11 +299,13 @@ class Billing:
         t0 = time.perf_counter()
         texts, truncate = self.parse(raw)
         idem = idempotency_key if key is not None else None
+        fingerprint = None
         if key is not None and idem is not None:
             self.check_idempotency_key(idem)
+            fingerprint = request_hash(texts, truncate, self.info.name, self.info.version)
             prior = await to_thread.run_sync(self.ledger.find_idempotent, key.id, idem)
             if prior is not None:
-                return Answer(prior, replayed=True)
+                return replay(prior[0], prior[1], fingerprint)
         metered = self.meter_texts(texts, truncate)
         ts = now_iso()
         if key is not None:
@@ -297,6 +321,7 @@ class Billing:
         latency_us = int((time.perf_counter() - t0) * 1e6)
         event = self.event(event_id, ts, key, metered.input_tokens, output_tokens, cost,
                            latency_us, (request_id or event_id)[:100], idem, body)
+        event.request_hash = fingerprint
         answer = await self.commit(event, key)
         if not answer.replayed:
             self.record(event, metered.truncated)

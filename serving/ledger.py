@@ -83,6 +83,11 @@ MIGRATIONS: List[Tuple[int, List[str]]] = [
             tokens BIGINT NOT NULL DEFAULT 0,
             PRIMARY KEY (user_id, period))""",
     ]),
+    (3, [
+        # What the request was (texts, truncate, model): a key reused for another request is
+        # refused instead of replaying an answer to a different question. NULL on older rows.
+        "ALTER TABLE billing_events ADD COLUMN request_hash TEXT",
+    ]),
 ]
 
 
@@ -145,21 +150,23 @@ class BillingEvent:
     instance_id: str
     idempotency_key: Optional[str]
     response: str
+    request_hash: Optional[str] = None
 
     def columns(self) -> Tuple[Any, ...]:
         return (self.id, self.ts, self.key_id, self.user_id, self.model, self.model_version,
                 self.input_tokens, self.output_tokens, self.currency, self.input_price_per_1k,
                 self.output_price_per_1k, self.input_cost_micro, self.output_cost_micro,
                 self.cost_micro, self.latency_us, self.request_id, self.instance_id,
-                self.idempotency_key, self.response)
+                self.idempotency_key, self.response, self.request_hash)
 
 
 INSERT_EVENT = (
     "INSERT INTO billing_events (id, ts, key_id, user_id, model, model_version, input_tokens,"
     " output_tokens, currency, input_price_per_1k, output_price_per_1k, input_cost_micro,"
     " output_cost_micro, cost_micro, latency_us, request_id, instance_id, idempotency_key,"
-    " response) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-FIND_IDEMPOTENT = "SELECT response FROM billing_events WHERE key_id = ? AND idempotency_key = ?"
+    " response, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+FIND_IDEMPOTENT = ("SELECT response, request_hash FROM billing_events"
+                   " WHERE key_id = ? AND idempotency_key = ?")
 ENSURE_SPEND = "INSERT INTO spend (key_id, period) VALUES (?, ?) ON CONFLICT DO NOTHING"
 # The atomic budget check + spend: the row only moves if it stays within both budgets.
 SPEND = ("UPDATE spend SET micro_usd = micro_usd + ?, tokens = tokens + ?"
@@ -174,6 +181,7 @@ USER_SPEND = ("UPDATE user_spend SET micro_usd = micro_usd + ?, tokens = tokens 
 class CommitResult:
     status: str  # "billed" | "duplicate" | "insufficient_quota"
     response: Optional[str] = None  # the first answer, for "duplicate"
+    request_hash: Optional[str] = None  # the first request's, for "duplicate"
 
 
 def now_iso(t: Optional[datetime] = None) -> str:
@@ -317,9 +325,11 @@ class Ledger:
         return counts[0] == 1
 
     # -- billing -------------------------------------------------------------------------
-    def find_idempotent(self, key_id: str, idempotency_key: str) -> Optional[str]:
+    def find_idempotent(self, key_id: str, idempotency_key: str
+                        ) -> Optional[Tuple[str, Optional[str]]]:
+        """(the first answer, its request hash) billed under this key's Idempotency-Key."""
         rows = self._query(FIND_IDEMPOTENT, (key_id, idempotency_key))
-        return rows[0][0] if rows else None
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def spent(self, key_id: str, period: str) -> Tuple[int, int]:
         """(micro-USD, tokens) billed to a key in a month."""
@@ -371,7 +381,7 @@ class Ledger:
         if e.idempotency_key is not None:
             rows = self._exec(conn, FIND_IDEMPOTENT, (e.key_id, e.idempotency_key)).fetchall()
             if rows:
-                return CommitResult("duplicate", rows[0][0])
+                return CommitResult("duplicate", rows[0][0], rows[0][1])
         period = period_of(e.ts)
         tokens = e.input_tokens + e.output_tokens
 
@@ -413,7 +423,7 @@ class Ledger:
                               (p.event.key_id, p.event.idempotency_key)).fetchall()
             if not rows:
                 raise
-            p.result = CommitResult("duplicate", rows[0][0])
+            p.result = CommitResult("duplicate", rows[0][0], rows[0][1])
         except Exception as exc:
             self._exec(conn, "ROLLBACK TO SAVEPOINT ev")
             self._exec(conn, "RELEASE SAVEPOINT ev")

@@ -202,6 +202,10 @@ def test_idempotency_key_retry_returns_the_same_body_and_bills_once(env):
     assert other.json()["id"] != first.json()["id"] and key_rows(env, "u-idem") == 2
     bad = post(env, key, {"text": "x"}, {"Idempotency-Key": "has space"})
     assert bad.status_code == 400 and key_rows(env, "u-idem") == 2
+    reused = post(env, key, {"text": "物流太慢"}, {"Idempotency-Key": "order-42"})
+    assert reused.status_code == 409
+    assert reused.json()["error"]["code"] == "idempotency_key_reused"
+    assert key_rows(env, "u-idem") == 2
 
 
 async def _burst(url: str, key: str, n: int, body) -> List[httpx.Response]:

@@ -17,11 +17,11 @@ import pytest
 
 from serving.billing import Billing, Refused
 from serving.keys import create_key
-from serving.ledger import Ledger, open_ledger
+from serving.ledger import Ledger, now_iso, open_ledger
 from serving.metering import Meter
 from serving.metrics import Metrics, parse_billing_totals
 from serving.model_dir import TOKENIZER_FILE
-from serving.pricing import price_for
+from serving.pricing import cost, price_for
 from serving.runner import MicroBatcher, ModelInfo, ModelRunner
 from serving.settings import Settings
 from serving.tokenization import default_buckets
@@ -180,6 +180,25 @@ def test_an_idempotent_retry_replays_the_first_answer_and_bills_once(billing):
     again = asyncio.run(billing.analyze(key, body("非常满意"), idempotency_key="order-7"))
     assert again.replayed and not first.replayed
     assert again.body == first.body
+    assert billed(billing)["requests"] == 1
+
+
+def test_an_idempotency_key_reused_for_another_request_is_a_conflict_and_not_billed(billing):
+    key, _ = create_key(billing.ledger, "kim")
+    first = asyncio.run(billing.analyze(key, body("很好"), idempotency_key="k-1"))
+    r = refusal(billing.analyze(key, body("很差"), idempotency_key="k-1"))
+    assert (r.kind, r.code) == ("conflict", "idempotency_key_reused")
+    r = refusal(billing.analyze(key, body("很好", truncate=True), idempotency_key="k-1"))
+    assert r.code == "idempotency_key_reused"  # truncate changes the request too
+    assert asyncio.run(billing.analyze(key, body("很好"), idempotency_key="k-1")).body \
+        == first.body
+    # The same holds when the other request reaches the commit first (a concurrent race):
+    # the ledger's unique key reports the duplicate with the first request's hash.
+    racing = billing.event("evt_" + "0" * 32, now_iso(), key, 3, 1,
+                           cost(billing.price, 3, 1), 1, "race", "k-1", "{}")
+    racing.request_hash = "not-the-first-request"
+    r = refusal(billing.commit(racing, key))
+    assert r.code == "idempotency_key_reused"
     assert billed(billing)["requests"] == 1
 
 
