@@ -4,8 +4,9 @@ by user. Each entry is kept `ttl_s` seconds (TOKENMETER_KEY_CACHE_S), which boun
 
 - a key revoked in the database (by `keys revoke`, from any process) is refused at most ttl_s
   later; a key is never accepted that the database never held;
-- cached spend only serves the budget *pre-check*, which refuses early; the authority is the
-  ledger's conditional update at commit, so a stale figure can never overspend a budget.
+- cached records and spend only serve the budget *pre-check*, which refuses early; the
+  authority is the ledger's conditional update at commit, which reads the budgets from the
+  database itself, so a stale figure can never overspend a budget.
 
 Unknown keys are not cached (random keys must not fill memory). Knows nothing about HTTP.
 """

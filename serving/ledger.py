@@ -168,13 +168,20 @@ INSERT_EVENT = (
 FIND_IDEMPOTENT = ("SELECT response, request_hash FROM billing_events"
                    " WHERE key_id = ? AND idempotency_key = ?")
 ENSURE_SPEND = "INSERT INTO spend (key_id, period) VALUES (?, ?) ON CONFLICT DO NOTHING"
-# The atomic budget check + spend: the row only moves if it stays within both budgets.
+# The atomic budget check + spend: the row only moves if it stays within both budgets, read
+# in the same statement (a budget changed a moment ago counts, whatever the caller cached).
 SPEND = ("UPDATE spend SET micro_usd = micro_usd + ?, tokens = tokens + ?"
-         " WHERE key_id = ? AND period = ? AND micro_usd + ? <= ? AND tokens + ? <= ?")
+         " WHERE key_id = ? AND period = ?"
+         " AND micro_usd + ? <= COALESCE((SELECT budget_micro_usd FROM api_keys WHERE id = ?), ?)"
+         " AND tokens + ? <= COALESCE((SELECT budget_tokens FROM api_keys WHERE id = ?), ?)")
 ENSURE_USER_SPEND = ("INSERT INTO user_spend (user_id, period) VALUES (?, ?)"
                      " ON CONFLICT DO NOTHING")
 USER_SPEND = ("UPDATE user_spend SET micro_usd = micro_usd + ?, tokens = tokens + ?"
-              " WHERE user_id = ? AND period = ? AND micro_usd + ? <= ? AND tokens + ? <= ?")
+              " WHERE user_id = ? AND period = ?"
+              " AND micro_usd + ? <= COALESCE((SELECT budget_micro_usd FROM user_budgets"
+              " WHERE user_id = ?), ?)"
+              " AND tokens + ? <= COALESCE((SELECT budget_tokens FROM user_budgets"
+              " WHERE user_id = ?), ?)")
 
 
 @dataclass
@@ -371,7 +378,8 @@ class Ledger:
     def commit_event(self, event: BillingEvent, key: KeyRecord) -> Future:
         """Queue a billing row; the future resolves to a CommitResult once it is durable.
 
-        It is billed only if it fits the key's and the user's budgets for its month."""
+        It is billed only if it fits the key's and the user's budgets for its month, as the
+        database holds them at commit (not as `key` says: a record may be cached)."""
         fut: Future = Future()
         self._queue.put(_Pending(event, key, fut))
         return fut
@@ -385,24 +393,18 @@ class Ledger:
         period = period_of(e.ts)
         tokens = e.input_tokens + e.output_tokens
 
-        def cap(v: Optional[int]) -> int:
-            return NO_LIMIT if v is None else v
-
-        def spend(ensure: str, update: str, owner: str, budget_micro: Optional[int],
-                  budget_tokens: Optional[int]) -> bool:
+        def spend(ensure: str, update: str, owner: str) -> bool:
             """Add this event to one spend row unless that would pass its budget."""
             self._exec(conn, ensure, (owner, period))
             return self._exec(conn, update, (
-                e.cost_micro, tokens, owner, period, e.cost_micro, cap(budget_micro),
-                tokens, cap(budget_tokens))).rowcount == 1
+                e.cost_micro, tokens, owner, period, e.cost_micro, owner, NO_LIMIT,
+                tokens, owner, NO_LIMIT)).rowcount == 1
 
         # User row before key row, groups sorted by (user, key): every transaction takes the
         # row locks in one global order, so two PostgreSQL writers cannot deadlock.
-        if not spend(ENSURE_USER_SPEND, USER_SPEND, e.user_id, p.key.user_budget_micro_usd,
-                     p.key.user_budget_tokens):
+        if not spend(ENSURE_USER_SPEND, USER_SPEND, e.user_id):
             return CommitResult("insufficient_quota")
-        if not spend(ENSURE_SPEND, SPEND, e.key_id, p.key.budget_micro_usd,
-                     p.key.budget_tokens):
+        if not spend(ENSURE_SPEND, SPEND, e.key_id):
             return CommitResult("insufficient_quota")
         self._exec(conn, INSERT_EVENT, e.columns())
         return CommitResult("billed")

@@ -174,6 +174,19 @@ def test_the_budget_pre_check_counts_what_this_process_billed(billing, facts):
     assert billed(billing)["requests"] == 1
 
 
+def test_a_budget_set_after_the_key_was_cached_holds_at_commit(billing):
+    # The cached key record says "no user budget"; the budget set since is read by the
+    # commit's conditional update itself, so nothing is billed past it.
+    key, plaintext = create_key(billing.ledger, "lea")
+    cached = asyncio.run(billing.authenticate(f"Bearer {plaintext}"))
+    assert not cached.has_budget
+    billing.ledger.set_user_budget("lea", 1, None)  # 1 micro-USD: less than any answer
+    r, model_calls = refusal_and_model_calls(billing, billing.analyze(cached, body("好")))
+    assert (r.kind, r.code) == ("quota", "insufficient_quota")
+    assert model_calls  # the pre-check trusted the cached record; the commit refused
+    assert billed(billing)["requests"] == 0
+
+
 def test_an_idempotent_retry_replays_the_first_answer_and_bills_once(billing):
     key, _ = create_key(billing.ledger, "gus")
     first = asyncio.run(billing.analyze(key, body("非常满意"), idempotency_key="order-7"))
