@@ -107,11 +107,22 @@ def cmd_keys_revoke(args) -> int:
 
 
 def cmd_users_budget(args) -> int:
-    budget = pricing.usd_to_micro(args.budget_usd) if args.budget_usd is not None else None
-    _ledger(args).set_user_budget(args.user, budget, args.budget_tokens)
+    """Change only the limits given (USD, tokens, or both); --clear removes the budget."""
+    given = args.budget_usd is not None or args.budget_tokens is not None
+    if args.clear == given:
+        raise CliError("give --budget-usd and/or --budget-tokens, or --clear (not both)")
+    ledger = _ledger(args)
+    budget, tokens = None, None
+    if not args.clear:
+        budget, tokens = ledger.user_budget(args.user)
+        if args.budget_usd is not None:
+            budget = pricing.usd_to_micro(args.budget_usd)
+        if args.budget_tokens is not None:
+            tokens = args.budget_tokens
+    ledger.set_user_budget(args.user, budget, tokens)
     shown = ", ".join(x for x in (
         f"${pricing.micro_to_str(budget)}" if budget is not None else "",
-        f"{args.budget_tokens} tokens" if args.budget_tokens is not None else "") if x)
+        f"{tokens} tokens" if tokens is not None else "") if x)
     print(f"user {args.user}: monthly budget {shown or 'none (unlimited)'}")
     return 0
 
@@ -252,11 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     users = sub.add_parser("users", help="per-user settings")
     us = users.add_subparsers(dest="users_command", required=True)
-    b = us.add_parser("budget", help="set a user's monthly budget over all their keys "
-                                     "(neither flag: remove it)")
+    b = us.add_parser("budget", help="set a user's monthly budget over all their keys; "
+                                     "a limit not given stays as it is")
     b.add_argument("--user", required=True)
     b.add_argument("--budget-usd", help="monthly budget in USD, e.g. 20.00")
     b.add_argument("--budget-tokens", type=count, help="monthly budget in tokens")
+    b.add_argument("--clear", action="store_true", help="remove the user's budget (unlimited)")
     b.set_defaults(func=cmd_users_budget)
 
     rep = sub.add_parser("report", help="per-user totals for a period")

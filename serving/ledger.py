@@ -350,6 +350,12 @@ class Ledger:
                            " WHERE user_id = ? AND period = ?", (user_id, period))
         return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
 
+    def user_budget(self, user_id: str) -> Tuple[Optional[int], Optional[int]]:
+        """(micro-USD, tokens) monthly budget of a user; None where there is none."""
+        rows = self._query("SELECT budget_micro_usd, budget_tokens FROM user_budgets"
+                           " WHERE user_id = ?", (user_id,))
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
+
     def set_user_budget(self, user_id: str, budget_micro_usd: Optional[int],
                         budget_tokens: Optional[int]) -> None:
         """Set (or, with both None, clear) a user's monthly budget."""

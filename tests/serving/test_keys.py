@@ -72,3 +72,19 @@ def test_impossible_limits_and_budgets_are_one_line_errors_and_create_nothing(tm
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1].count("error") == 1 and "Traceback" not in r.stderr
     assert json.loads(cli(ledger, "keys", "list", "--json").stdout) == []
+
+
+def test_users_budget_changes_only_what_is_given_and_clear_removes_it(tmp_path):
+    ledger_path = str(tmp_path / "l.sqlite3")
+    cli(ledger_path, "users", "budget", "--user", "ann", "--budget-usd", "20")
+    cli(ledger_path, "users", "budget", "--user", "ann", "--budget-tokens", "5000")
+    ledger = open_ledger(ledger_path)
+    assert ledger.user_budget("ann") == (20_000_000, 5000)  # the USD budget stayed
+    cli(ledger_path, "users", "budget", "--user", "ann", "--budget-usd", "3.5")
+    assert ledger.user_budget("ann") == (3_500_000, 5000)
+    neither = cli(ledger_path, "users", "budget", "--user", "ann", check=False)
+    assert neither.returncode == 2 and neither.stderr.startswith("error: give --budget-usd")
+    assert ledger.user_budget("ann") == (3_500_000, 5000)
+    cli(ledger_path, "users", "budget", "--user", "ann", "--clear")
+    assert ledger.user_budget("ann") == (None, None)
+    ledger.close()
