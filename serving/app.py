@@ -120,7 +120,8 @@ ERROR_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
         (409, "idempotency_key_reused: the Idempotency-Key was used for another request"),
         (413, "a text longer than the model's maximum tokens (without truncate)"),
         (429, "RPM/TPM limit (with Retry-After) or code insufficient_quota (key or user budget)"),
-        (503, "overloaded: the model queue is full"))}
+        (503, "overloaded (the model queue or the ledger queue is full) or "
+              "ledger_unavailable; Retry-After says when to retry"))}
 
 
 @dataclass
@@ -143,6 +144,7 @@ HTTP_OF_KIND: Dict[str, Tuple[int, str]] = {
     "rate_limit": (429, "rate_limit_error"),
     "quota": (429, "insufficient_quota"),
     "overloaded": (503, "overloaded_error"),
+    "unavailable": (503, "service_unavailable_error"),
 }
 
 

@@ -26,20 +26,30 @@ from anyio import to_thread
 from serving import pricing
 from serving.cache import TtlCache
 from serving.keys import AuthError, bearer_token, check_record, hash_key
-from serving.ledger import BillingEvent, KeyRecord, Ledger, day_range, now_iso, period_of
+from serving.ledger import (
+    BillingEvent,
+    KeyRecord,
+    Ledger,
+    LedgerBusy,
+    LedgerError,
+    day_range,
+    now_iso,
+    period_of,
+)
 from serving.limits import RateLimiter
 from serving.metering import InputError, Meter, Metered
 from serving.metrics import Metrics
 from serving.runner import ModelInfo, Overloaded
 from serving.settings import Settings
 
+log = logging.getLogger("tokenmeter")
 billing_log = logging.getLogger("tokenmeter.billing")
 
 IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
 
 # What a refusal can be; serving.app gives each its status code (README "Errors").
 KINDS = ("authentication", "permission", "invalid", "too_long", "conflict", "rate_limit",
-         "quota", "overloaded")
+         "quota", "overloaded", "unavailable")
 
 
 class Refused(Exception):
@@ -279,7 +289,17 @@ class Billing:
     async def commit(self, event: BillingEvent, key: KeyRecord) -> Answer:
         """The billing row, durable before the answer leaves: a 200 the client sees is on disk.
         A concurrent retry with the same idempotency key gets the first answer."""
-        result = await asyncio.wrap_future(self.ledger.commit_event(event, key))
+        try:
+            result = await asyncio.wrap_future(self.ledger.commit_event(event, key))
+        except LedgerBusy:
+            raise Refused("overloaded", "ledger_busy", "the billing ledger is saturated; retry "
+                          "later (nothing was billed)", retry_after_s=1) from None
+        except LedgerError as exc:
+            # The transaction was rolled back (or never began): nothing is billed.
+            log.warning("billing row not committed: %s", exc)
+            raise Refused("unavailable", "ledger_unavailable", "the billing ledger is "
+                          "unavailable; retry later (nothing was billed)",
+                          retry_after_s=1) from None
         if result.status == "duplicate":  # a concurrent request with the same key won
             return replay(result.response, result.request_hash, event.request_hash or "")
         if result.status == "insufficient_quota":

@@ -95,6 +95,10 @@ class LedgerError(RuntimeError):
     """The ledger cannot be opened or written; the message says which and why."""
 
 
+class LedgerBusy(LedgerError):
+    """More billing rows are waiting for the writer than the queue holds (backpressure)."""
+
+
 @dataclass
 class KeyRecord:
     id: str
@@ -217,10 +221,14 @@ class Ledger:
     integrity_errors: Tuple[Type[Exception], ...] = (sqlite3.IntegrityError,)
     kind = "sqlite"
 
-    def __init__(self, commit_wait_s: float = 0.0, commit_max_batch: int = 256):
+    def __init__(self, commit_wait_s: float = 0.0, commit_max_batch: int = 256,
+                 max_pending: int = 10_000):
         self.commit_wait_s, self.commit_max_batch = commit_wait_s, commit_max_batch
+        self.max_pending = max_pending
         self._local = threading.local()
-        self._queue: "queue.Queue[Optional[_Pending]]" = queue.Queue()
+        # Bounded: a stalled database fills it, and callers are told (LedgerBusy) instead of
+        # queueing without end. One slot more for the stop signal.
+        self._queue: "queue.Queue[Optional[_Pending]]" = queue.Queue(max_pending + 1)
         self._writer: Optional[threading.Thread] = None
 
     # -- connections ---------------------------------------------------------------------
@@ -386,6 +394,10 @@ class Ledger:
 
         It is billed only if it fits the key's and the user's budgets for its month, as the
         database holds them at commit (not as `key` says: a record may be cached)."""
+        if not self.writer_alive():  # nobody would ever resolve the future
+            raise LedgerError("the ledger writer is not running")
+        if self._queue.qsize() >= self.max_pending:
+            raise LedgerBusy(f"{self.max_pending} billing rows are already waiting")
         fut: Future = Future()
         self._queue.put(_Pending(event, key, fut))
         return fut
@@ -435,7 +447,7 @@ class Ledger:
         except Exception as exc:
             self._exec(conn, "ROLLBACK TO SAVEPOINT ev")
             self._exec(conn, "RELEASE SAVEPOINT ev")
-            p.error = exc
+            p.error = LedgerError(f"billing row not written: {first_line(exc)}")
 
     def _write_loop(self) -> None:
         conn = None  # the writer's own connection, reopened after a failure
@@ -568,9 +580,10 @@ class PostgresLedger(Ledger):
 
 
 def open_ledger(target: str, commit_wait_s: float = 0.0,
-                commit_max_batch: int = 256) -> Ledger:
+                commit_max_batch: int = 256, max_pending: int = 10_000) -> Ledger:
     """A migrated ledger: `postgresql://...` (or `postgres://`) or a SQLite file path."""
-    kw = dict(commit_wait_s=commit_wait_s, commit_max_batch=commit_max_batch)
+    kw = dict(commit_wait_s=commit_wait_s, commit_max_batch=commit_max_batch,
+              max_pending=max_pending)
     if target.startswith(("postgresql://", "postgres://")):
         ledger: Ledger = PostgresLedger(target, **kw)
     else:

@@ -288,3 +288,51 @@ def test_readyz_says_not_ready_when_the_ledger_writer_is_gone(runner, ledger, mo
     r = asyncio.run(readyz())
     assert r.status_code == 503
     assert r.json()["ledger_writer_alive"] is False and r.json()["model_runner_alive"] is True
+
+
+def test_a_stopped_ledger_answers_unavailable_and_a_full_one_busy_never_billed(
+        runner, tmp_path, model_dir):
+    led = open_ledger(str(tmp_path / "small.sqlite3"), max_pending=1)
+    b = make_billing(runner, led, model_dir)
+    key, _ = create_key(led, "max")
+    # No writer running (stopped, or died): refused at once, instead of waiting forever.
+    r = refusal(b.analyze(key, body("好")))
+    assert (r.kind, r.code, r.retry_after_s) == ("unavailable", "ledger_unavailable", 1)
+    led.start()
+    # Hold the writer on the database lock, so queued rows stay queued (a stalled database).
+    import sqlite3
+
+    blocker = sqlite3.connect(str(tmp_path / "small.sqlite3"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        async def until(condition) -> None:
+            for _ in range(3000):
+                if condition():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("condition not reached in 30 s")
+
+        async def three_at_once():
+            model_calls: List[int] = []
+            runner.set_batch_hook(model_calls.append)
+            first = asyncio.ensure_future(b.analyze(key, body("好")))
+            await until(lambda: model_calls)  # its row goes to the writer next...
+            await until(lambda: led._queue.qsize() == 0)  # ...which holds it, waiting
+            second = asyncio.ensure_future(b.analyze(key, body("很好")))
+            await until(lambda: led._queue.qsize() == 1)  # the one free slot is taken
+            with pytest.raises(Refused) as third:
+                await b.analyze(key, body("差"))
+            blocker.execute("ROLLBACK")  # the database is usable again
+            await asyncio.gather(first, second)
+            return third.value
+
+        try:
+            r = asyncio.run(three_at_once())
+        finally:
+            runner.set_batch_hook(None)
+    finally:
+        blocker.close()
+    assert (r.kind, r.code, r.retry_after_s) == ("overloaded", "ledger_busy", 1)
+    assert led.totals_for_instance(INSTANCE)["requests"] == 2  # the queued two, not the third
+    led.stop()
+    led.close()
