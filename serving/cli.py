@@ -208,7 +208,8 @@ def cmd_serve(args) -> int:
 
     try:
         ledger = open_ledger(s.ledger, s.commit_wait_ms / 1000, s.commit_max_batch,
-                             s.ledger_queue_size)
+                             s.ledger_queue_size, s.pg_statement_timeout_ms,
+                             s.pg_lock_timeout_ms)
         print(f"loading model {s.model_dir} ({s.execution})", file=sys.stderr)
         runner = ModelRunner(s.model_dir, execution=s.execution, max_batch=s.max_batch,
                              max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue_size,

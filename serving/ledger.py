@@ -478,21 +478,51 @@ class Ledger:
                     self._apply_guarded(conn, p)
                 self._exec(conn, "COMMIT")  # one fsync for the whole group
             except Exception as exc:
-                # Nothing of the group is committed: each request answers 500, unbilled.
                 if conn is not None:
                     try:
                         self._exec(conn, "ROLLBACK")
                         conn.close()
                     except Exception:  # the connection may be gone already
                         pass
-                conn = None
-                for p in group:
-                    settle(p.future, error=LedgerError(f"ledger commit failed: {exc}"))
+                conn = None  # the next group reconnects
+                self._settle_failed(group, exc)
             else:
                 for p in group:
                     settle(p.future, p.result, p.error)
             if stop:
                 return
+
+    def _settle_failed(self, group: List[_Pending], exc: Exception) -> None:
+        """Answer a group whose transaction raised. A COMMIT can reach the database and the
+        connection break before its answer returns, so the outcome is looked up, never guessed:
+        rows found on a fresh connection are billed; the others were not. When even the lookup
+        fails, the answer says the outcome is unknown (an Idempotency-Key retry tells)."""
+        found = self._existing_ids([p.event.id for p in group])
+        for p in group:
+            result = p.result
+            if result is not None and result.status != "billed":
+                settle(p.future, result)  # a replay or a refusal: no row either way
+            elif found is not None and p.event.id in found and result is not None:
+                settle(p.future, result)
+            elif found is None:
+                settle(p.future, error=LedgerError(
+                    f"ledger commit failed and its outcome is unknown: {first_line(exc)}"))
+            else:
+                settle(p.future, error=LedgerError(f"ledger commit failed: {first_line(exc)}"))
+
+    def _existing_ids(self, ids: Sequence[str]) -> Optional[set]:
+        """Which of `ids` are in billing_events, read on a new connection; None if unreadable."""
+        try:
+            conn = self._connect()
+            try:
+                marks = ", ".join("?" for _ in ids)
+                rows = self._exec(conn, f"SELECT id FROM billing_events WHERE id IN ({marks})",
+                                  ids).fetchall()
+            finally:
+                conn.close()
+        except Exception:  # the database is still unreachable: nothing can be known
+            return None
+        return {r[0] for r in rows}
 
     # -- reading -------------------------------------------------------------------------
     def usage(self, user_id: str, start: str, end_exclusive: str) -> List[Dict[str, Any]]:
@@ -558,19 +588,27 @@ class PostgresLedger(Ledger):
     kind = "postgresql"
     placeholder = "%s"
 
-    def __init__(self, dsn: str, **kw):
+    def __init__(self, dsn: str, statement_timeout_ms: int = 10_000,
+                 lock_timeout_ms: int = 5_000, **kw):
         import psycopg
 
         super().__init__(**kw)
         self.dsn = dsn
         self.integrity_errors = (psycopg.IntegrityError,)
+        # No statement may stall the writer (and every request behind it) for long: a row lock
+        # held elsewhere or a slow server fails the group, which answers 503, unbilled.
+        self.options = (f"-c statement_timeout={statement_timeout_ms}"
+                        f" -c lock_timeout={lock_timeout_ms}")
 
     def _connect(self):
         import psycopg
 
         try:
-            # autocommit: we issue BEGIN/COMMIT ourselves, as with SQLite.
-            return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+            # autocommit: we issue BEGIN/COMMIT ourselves, as with SQLite. TCP keepalives
+            # notice a server that vanished (a partition) within about a minute.
+            return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
+                                   options=self.options, keepalives=1, keepalives_idle=30,
+                                   keepalives_interval=10, keepalives_count=3)
         except psycopg.OperationalError as exc:
             raise LedgerError("cannot connect to PostgreSQL: "
                               + first_line(exc, "unreachable")) from exc
@@ -580,12 +618,15 @@ class PostgresLedger(Ledger):
 
 
 def open_ledger(target: str, commit_wait_s: float = 0.0,
-                commit_max_batch: int = 256, max_pending: int = 10_000) -> Ledger:
+                commit_max_batch: int = 256, max_pending: int = 10_000,
+                pg_statement_timeout_ms: int = 10_000, pg_lock_timeout_ms: int = 5_000
+                ) -> Ledger:
     """A migrated ledger: `postgresql://...` (or `postgres://`) or a SQLite file path."""
     kw = dict(commit_wait_s=commit_wait_s, commit_max_batch=commit_max_batch,
               max_pending=max_pending)
     if target.startswith(("postgresql://", "postgres://")):
-        ledger: Ledger = PostgresLedger(target, **kw)
+        ledger: Ledger = PostgresLedger(target, pg_statement_timeout_ms, pg_lock_timeout_ms,
+                                        **kw)
     else:
         ledger = SQLiteLedger(Path(target), **kw)
     try:

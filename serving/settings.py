@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     commit_max_batch: int = Field(256, ge=1)
     # Billing rows waiting for the writer before requests get 503 ledger_busy (backpressure).
     ledger_queue_size: int = Field(10_000, ge=1)
+    # PostgreSQL only: no statement (and no row-lock wait) of the ledger takes longer.
+    pg_statement_timeout_ms: int = Field(10_000, ge=1)
+    pg_lock_timeout_ms: int = Field(5_000, ge=1)
 
     # How long a key record and a month-to-date spend figure are reused without asking the
     # ledger (0: always ask). A key revoked in the database is refused at most this late.

@@ -336,3 +336,37 @@ def test_a_stopped_ledger_answers_unavailable_and_a_full_one_busy_never_billed(
     assert led.totals_for_instance(INSTANCE)["requests"] == 2  # the queued two, not the third
     led.stop()
     led.close()
+
+
+@pytest.mark.postgres
+def test_postgresql_backend_killed_or_row_locked_answers_503_then_recovers(
+        runner, model_dir, pg_dsn):
+    import psycopg
+
+    led = open_ledger(pg_dsn, pg_lock_timeout_ms=300)
+    led.start()
+    b = make_billing(runner, led, model_dir)
+    key, _ = create_key(led, "pat")
+    answered = [asyncio.run(b.analyze(key, body("好")))]
+
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        # The writer's connection is killed (a failover, an admin): that group is unbilled and
+        # answered 503; the next one reconnects.
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                      " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        r = refusal(b.analyze(key, body("很好")))
+        assert (r.kind, r.code) == ("unavailable", "ledger_unavailable")
+        answered.append(asyncio.run(b.analyze(key, body("很好"))))
+
+        # A row lock held elsewhere past lock_timeout: 503, not a stall; then it works again.
+        admin.execute("BEGIN")
+        admin.execute("SELECT * FROM user_spend WHERE user_id = 'pat' FOR UPDATE")
+        r = refusal(b.analyze(key, body("差")))
+        assert (r.kind, r.code) == ("unavailable", "ledger_unavailable")
+        admin.execute("ROLLBACK")
+        answered.append(asyncio.run(b.analyze(key, body("差"))))
+
+    ids = {json.loads(a.body)["id"] for a in answered}
+    assert set(led.event_ids()) == ids  # every answer billed once, no refusal billed
+    led.stop()
+    led.close()
