@@ -215,6 +215,10 @@ def benchmark(model_dir: Path, b: Benchmark, out_dir: Path,
     policy = ceiling.batch_policy(model_dir, b.execution, ids[: b.ceiling_texts],
                                   b.ceiling_batch_sizes, label_tokens)
 
+    # The stages before this one (and DVC caching their outputs) leave megabytes of dirty
+    # pages; their writeback slowed the metered server's fsyncs (the first server measured)
+    # by ~1 ms a request. Flush them before any server is timed.
+    os.sync()
     bodies = request_bodies(texts)
     ledger = out_dir / "ledger.sqlite3"
     fresh_ledger(ledger)
