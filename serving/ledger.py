@@ -515,14 +515,14 @@ class Ledger:
         try:
             conn = self._connect()
             try:
-                marks = ", ".join("?" for _ in ids)
-                rows = self._exec(conn, f"SELECT id FROM billing_events WHERE id IN ({marks})",
-                                  ids).fetchall()
+                # One lookup per id (a failed group is rare and at most COMMIT_MAX_BATCH rows);
+                # a fixed statement rather than one built for the group's size.
+                return {i for i in ids if self._exec(
+                    conn, "SELECT 1 FROM billing_events WHERE id = ?", (i,)).fetchall()}
             finally:
                 conn.close()
         except Exception:  # the database is still unreachable: nothing can be known
             return None
-        return {r[0] for r in rows}
 
     # -- reading -------------------------------------------------------------------------
     def usage(self, user_id: str, start: str, end_exclusive: str) -> List[Dict[str, Any]]:
