@@ -290,7 +290,7 @@ class Billing:
         """The billing row, durable before the answer leaves: a 200 the client sees is on disk.
         A concurrent retry with the same idempotency key gets the first answer."""
         try:
-            result = await asyncio.wrap_future(self.ledger.commit_event(event, key))
+            result = await asyncio.wrap_future(self.ledger.commit_event(event))
         except LedgerBusy:
             raise Refused("overloaded", "ledger_busy", "the billing ledger is saturated; retry "
                           "later (nothing was billed)", retry_after_s=1) from None
@@ -340,8 +340,7 @@ class Billing:
             return Answer(body)
         latency_us = int((time.perf_counter() - t0) * 1e6)
         event = self.event(event_id, ts, key, metered.input_tokens, output_tokens, cost,
-                           latency_us, (request_id or event_id)[:100], idem, body)
-        event.request_hash = fingerprint
+                           latency_us, (request_id or event_id)[:100], idem, body, fingerprint)
         answer = await self.commit(event, key)
         if not answer.replayed:
             self.record(event, metered.truncated)
@@ -349,7 +348,8 @@ class Billing:
 
     def event(self, event_id: str, ts: str, key: KeyRecord, input_tokens: int,
               output_tokens: int, cost: pricing.Cost, latency_us: int, request_id: str,
-              idem: Optional[str], body: str) -> BillingEvent:
+              idem: Optional[str], body: str,
+              request_hash: Optional[str] = None) -> BillingEvent:
         info, price = self.info, self.price
         return BillingEvent(
             id=event_id, ts=ts, key_id=key.id, user_id=key.user_id, model=info.name,
@@ -358,7 +358,7 @@ class Billing:
             output_price_per_1k=str(price.output_per_1k), input_cost_micro=cost.input_micro,
             output_cost_micro=cost.output_micro, cost_micro=cost.total_micro,
             latency_us=latency_us, request_id=request_id, instance_id=self.instance_id,
-            idempotency_key=idem, response=body)
+            idempotency_key=idem, response=body, request_hash=request_hash)
 
     def record(self, event: BillingEvent, truncated: int) -> None:
         """Metrics and the billing log line of a billed (not replayed) answer."""

@@ -208,7 +208,6 @@ def period_of(ts: str) -> str:
 @dataclass
 class _Pending:
     event: BillingEvent
-    key: KeyRecord
     future: Future
     result: Optional[CommitResult] = None
     error: Optional[Exception] = None
@@ -389,17 +388,17 @@ class Ledger:
         """Whether the writer thread runs (started and not dead): /readyz reports it."""
         return self._writer is not None and self._writer.is_alive()
 
-    def commit_event(self, event: BillingEvent, key: KeyRecord) -> Future:
+    def commit_event(self, event: BillingEvent) -> Future:
         """Queue a billing row; the future resolves to a CommitResult once it is durable.
 
         It is billed only if it fits the key's and the user's budgets for its month, as the
-        database holds them at commit (not as `key` says: a record may be cached)."""
+        database holds them at commit (read there, never from a possibly cached key record)."""
         if not self.writer_alive():  # nobody would ever resolve the future
             raise LedgerError("the ledger writer is not running")
         if self._queue.qsize() >= self.max_pending:
             raise LedgerBusy(f"{self.max_pending} billing rows are already waiting")
         fut: Future = Future()
-        self._queue.put(_Pending(event, key, fut))
+        self._queue.put(_Pending(event, fut))
         return fut
 
     def _apply(self, conn, p: _Pending) -> CommitResult:

@@ -41,7 +41,7 @@ def measure(target: str, events: int, inflight: int, seconds: float) -> Dict[str
         committed, n = 0, 0
         t0 = time.perf_counter()
         while n < events and time.perf_counter() - t0 < seconds:
-            pending.append(ledger.commit_event(_event(key, n), key))
+            pending.append(ledger.commit_event(_event(key, n)))
             n += 1
             if len(pending) >= inflight:
                 committed += pending.popleft().result(timeout=60).status == "billed"
@@ -54,7 +54,7 @@ def measure(target: str, events: int, inflight: int, seconds: float) -> Dict[str
         single, lookup = [], []
         for i in range(min(events, 100)):
             t = time.perf_counter()
-            ledger.commit_event(_event(key, n + i), key).result(timeout=60)
+            ledger.commit_event(_event(key, n + i)).result(timeout=60)
             single.append((time.perf_counter() - t) * 1000)
             t = time.perf_counter()
             ledger.key_by_hash("0" * 64)

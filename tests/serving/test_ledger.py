@@ -40,7 +40,7 @@ def event(key, cost=22, tokens=(3, 8), idem=None, response='{"a":1}') -> Billing
 
 
 def commit(ledger: Ledger, ev: BillingEvent, key) -> CommitResult:
-    return ledger.commit_event(ev, key).result(timeout=60)
+    return ledger.commit_event(ev).result(timeout=60)
 
 
 def test_migrations_are_idempotent(target):
@@ -74,7 +74,7 @@ def test_a_cancelled_commit_future_does_not_stop_the_writer(target):
     ledger.start()
     key, _ = create_key(ledger, "alice")
     gone = event(key)
-    assert ledger.commit_event(gone, key).cancel()  # still queued: its fsync is ahead
+    assert ledger.commit_event(gone).cancel()  # still queued: its fsync is ahead
     later = event(key)
     assert commit(ledger, later, key).status == "billed"
     assert later.id in ledger.event_ids()
@@ -192,7 +192,7 @@ def test_writer_recovers_after_losing_its_postgres_connection(pg_dsn):
     with psycopg.connect(pg_dsn, autocommit=True) as admin:  # as a database restart would
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                       "WHERE datname = current_database() AND pid <> pg_backend_pid()")
-    lost = ledger.commit_event(event(key), key)
+    lost = ledger.commit_event(event(key))
     with pytest.raises(Exception, match="ledger commit failed"):
         lost.result(timeout=60)  # reported, never silently dropped or half-written
     assert commit(ledger, event(key), key).status == "billed"
@@ -208,7 +208,7 @@ def test_user_budget_spans_all_keys_of_the_user(target):
     k2, _ = create_key(ledger, "carol", budget_micro_usd=22 * 100)
     k1, k2 = ledger.list_keys()  # as authenticate() reads them: with the user's budget
     assert k1.user_budget_micro_usd == 110 and k1.has_budget
-    futures = [ledger.commit_event(event(k), k) for k in [k1, k2] * 10]
+    futures = [ledger.commit_event(event(k)) for k in [k1, k2] * 10]
     statuses = [f.result(timeout=60).status for f in futures]
     assert statuses.count("billed") == 5
     assert ledger.user_spent("carol", now_iso()[:7]) == (110, 55)
