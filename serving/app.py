@@ -11,27 +11,47 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple, Union
+from typing import (
+    AsyncIterator,
+    Dict,
+    Optional,
+    Tuple,
+)
 
 from anyio import to_thread
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from typing_extensions import Annotated  # typing.Annotated is 3.9+; the official image has 3.8
 
 from serving import pricing
-from serving.billing import Answer, Billing, Refused, invalid
+from serving.billing import IDEMPOTENCY_RE, Answer, Billing, Refused, invalid
 from serving.ledger import KeyRecord, Ledger
 from serving.metering import Meter
 from serving.metrics import Metrics
+from serving.openapi import (
+    ANALYZE_RESPONSES,
+    STRING,
+    USAGE_RESPONSES,
+    AnalyzeResponse,
+    DocumentedApp,
+    Health,
+    Readiness,
+    analyze_request_schema,
+    bearer,
+    blank_ranges,
+    text_pattern,
+)
 from serving.runner import ModelRunner
 from serving.settings import Settings
+from serving.watchdog import Watchdog, Watched
 
 log = logging.getLogger("tokenmeter")
 
 JSON = "application/json"
+PROMETHEUS = "text/plain; version=0.0.4"
 
 
 class CountRequests:
@@ -64,64 +84,6 @@ class CountRequests:
             self.metrics.requests.labels(path, str(status[0])).inc()
             if path == "/v1/analyze":
                 self.metrics.latency.labels(str(status[0])).observe(time.perf_counter() - t0)
-
-
-# --- OpenAPI models (documentation of the contract; parsing is done by hand below so that
-# every malformed body gets our error shape and code) ---------------------------------------
-class AnalyzeRequest(BaseModel):
-    text: Optional[str] = Field(None, description="One text. Give `text` or `texts`.")
-    texts: Optional[List[str]] = Field(None, description="Several texts (at most max_texts).")
-    truncate: bool = Field(False, description="Cut texts longer than the model's maximum to "
-                                              "it (the cut count is billed) instead of 413.")
-
-
-class Result(BaseModel):
-    label: str
-    score: float
-
-
-class Usage(BaseModel):
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
-
-
-class CostOut(BaseModel):
-    currency: str
-    input: str = Field(..., description="decimal string, 6 places")
-    output: str
-    total: str
-
-
-class AnalyzeResponse(BaseModel):
-    id: str
-    model: str
-    model_version: str
-    results: List[Result]
-    usage: Usage
-    cost: CostOut
-
-
-class ErrorDetail(BaseModel):
-    type: str
-    code: str
-    message: str
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
-# The type FastAPI's `responses=` takes: status code -> OpenAPI fields of that answer.
-ERROR_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
-    s: {"model": ErrorBody, "description": d} for s, d in (
-        (400, "malformed JSON, missing/empty/non-string text, too many texts, body too large"),
-        (401, "missing, unknown or revoked API key"),
-        (409, "idempotency_key_reused: the Idempotency-Key was used for another request"),
-        (413, "a text longer than the model's maximum tokens (without truncate)"),
-        (429, "RPM/TPM limit (with Retry-After) or code insufficient_quota (key or user budget)"),
-        (503, "overloaded (the model queue or the ledger queue is full) or "
-              "ledger_unavailable; Retry-After says when to retry"))}
 
 
 @dataclass
@@ -215,45 +177,49 @@ async def request_body(request: Request, billing: BillingDep) -> bytes:
 RequestBody = Annotated[bytes, Depends(request_body)]
 
 
-# --- routes -----------------------------------------------------------------------------------
-router = APIRouter()
-
-
-@router.post("/v1/analyze", response_model=AnalyzeResponse, responses=ERROR_RESPONSES,
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 JSON: {"schema": AnalyzeRequest.model_json_schema()}}}})
-async def analyze(key: MeteredKey, body: RequestBody, billing: BillingDep,
-                  idempotency_key: Annotated[Optional[str], Header(
-                      description="A retry with the same key returns the first answer and is "
-                                  "not billed again.")] = None,
+# --- routes (registered per app by `routes`: the document depends on settings and model) ---
+async def analyze(request: Request, key: MeteredKey, body: RequestBody, billing: BillingDep,
                   x_request_id: Annotated[Optional[str], Header(
                       description="Stored with the billing row (first 100 characters).")] = None
                   ) -> Response:
+    idempotency_key = request.headers.get("idempotency-key")  # documented in `routes`
     return answer_response(await billing.analyze(key, body, idempotency_key, x_request_id))
 
 
-@router.get("/v1/usage", responses=ERROR_RESPONSES)
-async def usage(key: CallerKey, billing: BillingDep, start: Optional[str] = None,
-                end: Optional[str] = None, granularity: str = "day",
-                user: Optional[str] = None) -> Dict[str, object]:
+# A date parameter of /v1/usage: YYYY-MM-DD, or empty for the default (Billing.usage treats
+# "" as absent). Whether end >= start cannot be said per parameter: a 400 invalid_date.
+_DAY = {"type": "string", "anyOf": [{"format": "date"}, {"maxLength": 0}]}
+
+
+async def usage(key: CallerKey, billing: BillingDep,
+                start: Annotated[Optional[str], Query(
+                    description="first UTC day, YYYY-MM-DD (empty or absent: the 1st of this "
+                                "month)", json_schema_extra=_DAY)] = None,
+                end: Annotated[Optional[str], Query(
+                    description="last UTC day, inclusive, YYYY-MM-DD, not before start (empty "
+                                "or absent: today)", json_schema_extra=_DAY)] = None,
+                # A plain str, checked by Billing.usage (code invalid_granularity); the enum is
+                # the document's half of that rule.
+                granularity: Annotated[str, Query(json_schema_extra={"enum": ["day"]})] = "day",
+                user: Annotated[Optional[str], Query(
+                    description="whose usage: another user's id needs an admin key (403 "
+                                "otherwise)")] = None
+                ) -> Dict[str, object]:
     """The caller's requests, tokens and cost by UTC day and model, start..end inclusive
     (YYYY-MM-DD; default this month). An admin key may pass `user`."""
     return await billing.usage(key, user, start, end, granularity)
 
 
-@router.get("/metrics")
 async def prometheus_metrics(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
     metrics.queue_depth.set(request.app.state.components.runner.depth())
-    return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(metrics.render(), media_type=PROMETHEUS)
 
 
-@router.get("/healthz")
 async def healthz() -> Dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     c: Components = request.app.state.components
     writable = await to_thread.run_sync(c.ledger.writable)
@@ -267,6 +233,44 @@ async def readyz(request: Request) -> JSONResponse:
                         status_code=200 if ready else 503)
 
 
+def routes(settings: Settings, metered: bool, meter: Meter) -> APIRouter:
+    """The routes, documented as this app answers them: the body's maxItems and the
+    Idempotency-Key's length come from `settings`, what makes a text from the model's tokenizer
+    (`meter`); without metering /v1/analyze asks no key."""
+    r = APIRouter()
+    # Read by `analyze` from the request itself, so that its schema can carry this app's
+    # max_idempotency_key_len; Billing checks it (code invalid_idempotency_key).
+    idempotency = {"name": "Idempotency-Key", "in": "header", "required": False,
+                   "description": "1 to max_idempotency_key_len printable ASCII characters: a "
+                                  "retry with the same key returns the first answer and is not "
+                                  "billed again.",
+                   "schema": {"type": "string", "pattern": IDEMPOTENCY_RE.pattern,
+                              "minLength": 1, "maxLength": settings.max_idempotency_key_len}}
+    auth = [Security(bearer)]
+    r.add_api_route(
+        "/v1/analyze", analyze, methods=["POST"], response_model=AnalyzeResponse,
+        responses=ANALYZE_RESPONSES if metered else
+        {s: v for s, v in ANALYZE_RESPONSES.items() if s != 401},
+        dependencies=auth if metered else [],
+        openapi_extra={"requestBody": {"required": True, "content": {
+            JSON: {"schema": analyze_request_schema(
+                settings.max_texts, text_pattern(blank_ranges(meter.tokenizer.to_str())))}}},
+            "parameters": [idempotency]})
+    r.add_api_route("/v1/usage", usage, methods=["GET"], response_model=None,
+                    responses=USAGE_RESPONSES, dependencies=auth)
+    r.add_api_route("/metrics", prometheus_metrics, methods=["GET"],
+                    response_class=PlainTextResponse,
+                    responses={200: {"description": "Prometheus text exposition format",
+                                     "content": {"text/plain": STRING}}})
+    r.add_api_route("/healthz", healthz, methods=["GET"], response_model=Health)
+    r.add_api_route("/readyz", readyz, methods=["GET"], response_model=None,
+                    responses={200: {"model": Readiness, "description": "ready"},
+                               503: {"model": Readiness, "description": "not ready: the "
+                                     "model is not loaded, the ledger is not writable or a "
+                                     "worker thread is gone"}})
+    return r
+
+
 def create_app(c: Components) -> FastAPI:
     info = c.runner.info
     metrics = Metrics(c.instance_id, info.name, info.version)
@@ -276,17 +280,23 @@ def create_app(c: Components) -> FastAPI:
                     "(benchmarks only)")
     c.runner.set_batch_hook(metrics.batch_size.observe)
 
+    watchdog = Watchdog([Watched("model runner", c.runner.alive, c.runner.restart),
+                         Watched("ledger writer", c.ledger.writer_alive, c.ledger.restart_writer)],
+                        on_restart=lambda name: metrics.thread_restarts.labels(name).inc())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        watchdog.start()
         yield
+        watchdog.stop()  # first: the threads below end on purpose
         # Drain: the ledger writer commits what is queued before it stops.
         c.runner.stop()
         c.ledger.stop()
 
-    app = FastAPI(title="tokenmeter", version="1", lifespan=lifespan,
-                  description="Sentiment analysis billed per token. Errors are "
-                              "`{\"error\": {\"type\", \"code\", \"message\"}}`; an error is "
-                              "never billed.")
+    app = DocumentedApp(title="tokenmeter", version="1", lifespan=lifespan,
+                        description="Sentiment analysis billed per token. Errors are "
+                                    "`{\"error\": {\"type\", \"code\", \"message\"}}`; an "
+                                    "error is never billed.")
     app.state.components, app.state.billing, app.state.metrics = c, billing, metrics
 
     @app.exception_handler(Refused)
@@ -296,7 +306,9 @@ def create_app(c: Components) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(exc.status_code, "invalid_request_error", code, str(exc.detail))
+        # exc.headers: Starlette's 405 carries `Allow` there (RFC 9110 requires it).
+        return _error_response(exc.status_code, "invalid_request_error", code, str(exc.detail),
+                               dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -304,6 +316,12 @@ def create_app(c: Components) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()))
         return _error_response(400, "invalid_request_error", "invalid_parameter",
                                f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client hung up while sending its body: nothing was metered or billed, nobody
+        # reads the answer. Counted as 499 (nginx's "client closed request"), not as an error.
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -313,5 +331,5 @@ def create_app(c: Components) -> FastAPI:
                                "internal error; the request was not billed")
 
     app.add_middleware(CountRequests, metrics=metrics)
-    app.include_router(router)
+    app.include_router(routes(c.settings, billing.metered, c.meter))
     return app

@@ -18,13 +18,26 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 import numpy as np
 from anyio import to_thread
 
 from serving import pricing
 from serving.cache import TtlCache
+from serving.errors import first_line
 from serving.keys import AuthError, bearer_token, check_record, hash_key
 from serving.ledger import (
     BillingEvent,
@@ -32,6 +45,7 @@ from serving.ledger import (
     Ledger,
     LedgerBusy,
     LedgerError,
+    OutcomeUnknown,
     day_range,
     now_iso,
     period_of,
@@ -44,6 +58,8 @@ from serving.settings import Settings
 
 log = logging.getLogger("tokenmeter")
 billing_log = logging.getLogger("tokenmeter.billing")
+
+T = TypeVar("T")
 
 IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
 
@@ -86,7 +102,14 @@ def replay(prior_body: Optional[str], prior_hash: Optional[str], this_hash: str)
     Rows from before request hashes were stored (NULL) replay as they always did."""
     if prior_hash is not None and prior_hash != this_hash:
         raise reused_key_refusal()
-    return Answer(prior_body or "", replayed=True)
+    return Answer(prior_body or "", replayed=True, fingerprint=prior_hash or this_hash)
+
+
+def outcome_unknown_refusal() -> Refused:
+    return Refused("unavailable", "ledger_outcome_unknown",
+                   "the billing ledger did not confirm this request in time, so whether it was "
+                   "billed is not known; retry with the same Idempotency-Key to get its answer "
+                   "without paying twice", retry_after_s=1)
 
 
 def quota_refusal() -> Refused:
@@ -111,6 +134,7 @@ class Answer:
 
     body: str
     replayed: bool = False
+    fingerprint: Optional[str] = None  # the request hash it answers (Idempotency-Key only)
 
 
 def parse(raw: bytes, max_texts: int) -> Tuple[List[str], bool]:
@@ -139,7 +163,8 @@ def parse(raw: bytes, max_texts: int) -> Tuple[List[str], bool]:
         if len(texts) > max_texts:
             raise invalid("too_many_texts", f"at most {max_texts} texts per request")
     else:
-        raise invalid("missing_text", "the body needs `text` (a string) or `texts`")
+        raise invalid("missing_text", "give exactly one of `text` (a string) or `texts` (a "
+                      "list of strings)")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise invalid("invalid_text", f"text {i} is not a string")
@@ -187,6 +212,20 @@ class Billing:
         # Bounded staleness, see serving.cache: keys by hash, spend by (owner, id, month).
         self.keys: TtlCache[str, KeyRecord] = TtlCache(settings.key_cache_s)
         self.spend: TtlCache[Tuple[str, str, str], Spend] = TtlCache(settings.key_cache_s)
+        # Requests with an Idempotency-Key being answered now, by (key id, Idempotency-Key):
+        # a concurrent duplicate waits for the first instead of running the model again.
+        self.inflight: Dict[Tuple[str, str], "asyncio.Future[Answer]"] = {}
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """A ledger read in a worker thread; a database that cannot answer is a 503 refusal
+        (the request was not billed), not a 500."""
+        try:
+            return await to_thread.run_sync(fn, *args)
+        except Exception as exc:
+            log.warning("ledger read failed: %s", first_line(exc))
+            raise Refused("unavailable", "ledger_unavailable", "the billing ledger is "
+                          "unavailable; retry later (nothing was billed)",
+                          retry_after_s=1) from None
 
     # --- the steps, in order ----------------------------------------------------------------
     async def authenticate(self, authorization: Optional[str]) -> KeyRecord:
@@ -196,7 +235,7 @@ class Billing:
             key_hash = hash_key(bearer_token(authorization))
             record = self.keys.get(key_hash)
             if record is None:
-                record = await to_thread.run_sync(self.ledger.key_by_hash, key_hash)
+                record = await self.read(self.ledger.key_by_hash, key_hash)
                 if record is not None:
                     self.keys.put(key_hash, record)
             return check_record(record)
@@ -250,7 +289,7 @@ class Billing:
         cached_key, cached_user = self.spend.get(k), self.spend.get(u)
         if cached_key is not None and cached_user is not None:
             return cached_key, cached_user
-        key_spent, user_spent = await to_thread.run_sync(self._read_spend, key, period)
+        key_spent, user_spent = await self.read(self._read_spend, key, period)
         self.spend.put(k, key_spent)
         self.spend.put(u, user_spent)
         return key_spent, user_spent
@@ -267,7 +306,14 @@ class Billing:
                           retry_after_s=1) from None
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.runner.depth())
-        probs = await asyncio.wrap_future(future)
+        try:
+            # Bounded like the commit: a runner thread that died holding this job (the
+            # watchdog starts a new one) must not leave the request waiting for ever.
+            probs = await asyncio.wait_for(asyncio.wrap_future(future),
+                                           self.settings.billing_deadline_s)
+        except asyncio.TimeoutError:
+            raise Refused("unavailable", "model_timeout", "the model did not answer in time; "
+                          "retry later (nothing was billed)", retry_after_s=1) from None
         return [int(i) for i in np.argmax(probs, axis=1)], probs
 
     def answer(self, event_id: str, label_ids: Sequence[int], probs: np.ndarray,
@@ -290,7 +336,18 @@ class Billing:
         """The billing row, durable before the answer leaves: a 200 the client sees is on disk.
         A concurrent retry with the same idempotency key gets the first answer."""
         try:
-            result = await asyncio.wrap_future(self.ledger.commit_event(event))
+            # Shielded: a request that times out here leaves its row to the writer, which
+            # settles it either way; only the wait is bounded.
+            result = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(self.ledger.commit_event(event))),
+                self.settings.billing_deadline_s)
+        except asyncio.TimeoutError:
+            log.warning("billing row %s not confirmed within %s s", event.id,
+                        self.settings.billing_deadline_s)
+            raise outcome_unknown_refusal() from None
+        except OutcomeUnknown as exc:
+            log.warning("billing row %s: %s", event.id, exc)
+            raise outcome_unknown_refusal() from None
         except LedgerBusy:
             raise Refused("overloaded", "ledger_busy", "the billing ledger is saturated; retry "
                           "later (nothing was billed)", retry_after_s=1) from None
@@ -309,7 +366,7 @@ class Billing:
                                                 event.input_tokens + event.output_tokens)
             for owner in (("key", key.id, period), ("user", key.user_id, period)):
                 self.spend.update(owner, lambda v: (v[0] + add[0], v[1] + add[1]))
-        return Answer(event.response)
+        return Answer(event.response, fingerprint=event.request_hash)
 
     # --- the whole flow -----------------------------------------------------------------------
     async def analyze(self, key: Optional[KeyRecord], raw: bytes,
@@ -318,14 +375,44 @@ class Billing:
         """A billed answer for one request body, or Refused. `key` is None only unmetered."""
         t0 = time.perf_counter()
         texts, truncate = self.parse(raw)
-        idem = idempotency_key if key is not None else None
-        fingerprint = None
-        if key is not None and idem is not None:
-            self.check_idempotency_key(idem)
-            fingerprint = request_hash(texts, truncate, self.info.name, self.info.version)
-            prior = await to_thread.run_sync(self.ledger.find_idempotent, key.id, idem)
-            if prior is not None:
-                return replay(prior[0], prior[1], fingerprint)
+        if key is None or idempotency_key is None:
+            return await self.bill(t0, key, texts, truncate, None, None, request_id)
+        self.check_idempotency_key(idempotency_key)
+        fingerprint = request_hash(texts, truncate, self.info.name, self.info.version)
+        slot = (key.id, idempotency_key)
+        while slot in self.inflight:  # a duplicate of a request still being answered
+            try:
+                first = await asyncio.shield(self.inflight[slot])
+            except Exception:  # the first was refused or failed: this one tries on its own
+                continue
+            return replay(first.body, first.fingerprint, fingerprint)
+        mine: "asyncio.Future[Answer]" = asyncio.get_running_loop().create_future()
+        self.inflight[slot] = mine
+        try:
+            answer = await self._bill_once(t0, key, texts, truncate, idempotency_key,
+                                           fingerprint, request_id)
+            mine.set_result(answer)
+            return answer
+        except BaseException as exc:
+            mine.set_exception(exc if isinstance(exc, Exception) else Refused(
+                "unavailable", "cancelled", "the first request with this key was cancelled"))
+            mine.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        finally:
+            del self.inflight[slot]
+
+    async def _bill_once(self, t0: float, key: KeyRecord, texts: List[str], truncate: bool,
+                         idem: str, fingerprint: str, request_id: Optional[str]) -> Answer:
+        """The first answer billed under this Idempotency-Key (a replay), or a new one."""
+        prior = await self.read(self.ledger.find_idempotent, key.id, idem)
+        if prior is not None:
+            return replay(prior[0], prior[1], fingerprint)
+        return await self.bill(t0, key, texts, truncate, idem, fingerprint, request_id)
+
+    async def bill(self, t0: float, key: Optional[KeyRecord], texts: List[str], truncate: bool,
+                   idem: Optional[str], fingerprint: Optional[str],
+                   request_id: Optional[str]) -> Answer:
+        """Meter, limit, reserve, run, price and commit: a new billed answer."""
         metered = self.meter_texts(texts, truncate)
         ts = now_iso()
         if key is not None:
@@ -392,7 +479,7 @@ class Billing:
         except ValueError as exc:
             raise invalid("invalid_date", f"start/end must be YYYY-MM-DD: {exc}") from None
         who = user or key.user_id
-        rows = await to_thread.run_sync(self.ledger.usage, who, lo, hi)
+        rows = await self.read(self.ledger.usage, who, lo, hi)
         total = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_micro": 0}
         data = []
         for r in rows:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from serving import pricing
 from serving.keys import create_key
-from serving.ledger import Ledger, LedgerError, day_range, open_ledger
+from serving.ledger import Ledger, LedgerError, day_range, open_ledger_from
 from serving.settings import Settings, load_settings
 
 
@@ -54,8 +54,7 @@ def _settings(args) -> Settings:
 
 
 def _ledger(args) -> Ledger:
-    s = _settings(args)
-    return open_ledger(s.ledger, s.commit_wait_ms / 1000, s.commit_max_batch)
+    return open_ledger_from(_settings(args))
 
 
 def _table(rows: List[Dict[str, object]], columns: Sequence[str]) -> str:
@@ -207,9 +206,7 @@ def cmd_serve(args) -> int:
     from serving.runner import ModelDirError, ModelRunner
 
     try:
-        ledger = open_ledger(s.ledger, s.commit_wait_ms / 1000, s.commit_max_batch,
-                             s.ledger_queue_size, s.pg_statement_timeout_ms,
-                             s.pg_lock_timeout_ms)
+        ledger = open_ledger_from(s)
         print(f"loading model {s.model_dir} ({s.execution})", file=sys.stderr)
         runner = ModelRunner(s.model_dir, execution=s.execution, max_batch=s.max_batch,
                              max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue_size,

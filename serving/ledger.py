@@ -14,16 +14,31 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+
+from tenacity import (
+    Retrying,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from serving.errors import first_line
 from serving.futures import settle
 
+if TYPE_CHECKING:  # settings are read by the caller; the ledger only takes their values
+    from serving.settings import Settings
+
 # Budgets left empty are stored as NULL; the conditional UPDATE compares against this.
 NO_LIMIT = 2 ** 62
+# PostgreSQL: how long a read waits for a pooled connection while the server is unreachable
+# (the request then gets 503 ledger_unavailable).
+POOL_WAIT_S = 5.0
 
 MIGRATIONS: List[Tuple[int, List[str]]] = [
     (1, [
@@ -99,6 +114,11 @@ class LedgerBusy(LedgerError):
     """More billing rows are waiting for the writer than the queue holds (backpressure)."""
 
 
+class OutcomeUnknown(LedgerError):
+    """A COMMIT was sent and the database could not be asked afterwards whether it took: the
+    row may exist. Only an Idempotency-Key retry can tell the client which."""
+
+
 @dataclass
 class KeyRecord:
     id: str
@@ -169,8 +189,13 @@ INSERT_EVENT = (
     " output_tokens, currency, input_price_per_1k, output_price_per_1k, input_cost_micro,"
     " output_cost_micro, cost_micro, latency_us, request_id, instance_id, idempotency_key,"
     " response, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# Within the retention window only: an older use of the key no longer counts (Stripe's 24 h).
 FIND_IDEMPOTENT = ("SELECT response, request_hash FROM billing_events"
-                   " WHERE key_id = ? AND idempotency_key = ?")
+                   " WHERE key_id = ? AND idempotency_key = ? AND ts >= ?")
+# Frees a key whose last use is past the window, so that a new request may take it (the
+# column is UNIQUE per API key); the row itself, its tokens and cost stay as they were.
+RELEASE_IDEMPOTENT = ("UPDATE billing_events SET idempotency_key = NULL"
+                      " WHERE key_id = ? AND idempotency_key = ? AND ts < ?")
 ENSURE_SPEND = "INSERT INTO spend (key_id, period) VALUES (?, ?) ON CONFLICT DO NOTHING"
 # The atomic budget check + spend: the row only moves if it stays within both budgets, read
 # in the same statement (a budget changed a moment ago counts, whatever the caller cached).
@@ -221,14 +246,20 @@ class Ledger:
     kind = "sqlite"
 
     def __init__(self, commit_wait_s: float = 0.0, commit_max_batch: int = 256,
-                 max_pending: int = 10_000):
+                 max_pending: int = 10_000, idempotency_retention_s: float = 86_400,
+                 outcome_wait_s: float = 20.0):
         self.commit_wait_s, self.commit_max_batch = commit_wait_s, commit_max_batch
         self.max_pending = max_pending
+        self.idempotency_retention_s = idempotency_retention_s
+        # How long an unknown COMMIT outcome is asked after (the database may be restarting).
+        self.outcome_wait_s = outcome_wait_s
         self._local = threading.local()
         # Bounded: a stalled database fills it, and callers are told (LedgerBusy) instead of
         # queueing without end. One slot more for the stop signal.
         self._queue: "queue.Queue[Optional[_Pending]]" = queue.Queue(max_pending + 1)
         self._writer: Optional[threading.Thread] = None
+        self._writer_lock = threading.Lock()
+        self._stopping = False
 
     # -- connections ---------------------------------------------------------------------
     def _connect(self):
@@ -237,11 +268,20 @@ class Ledger:
     def _sql(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
 
-    def _conn(self):
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A connection for reads and short writes (not the writer's): one per thread, replaced
+        when it fails, since a database restart leaves it broken for good."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
-        return conn
+        try:
+            yield conn
+        except LedgerError:
+            raise
+        except Exception:
+            self._drop_conn()
+            raise
 
     def _exec(self, conn, sql: str, params: Sequence[Any] = ()):
         return conn.execute(self._sql(sql), tuple(params))
@@ -250,14 +290,12 @@ class Ledger:
         self._exec(conn, "BEGIN")
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> List[tuple]:
-        try:
-            return list(self._exec(self._conn(), sql, params).fetchall())
-        except LedgerError:
-            raise
-        except Exception:
-            # A connection broken by a database restart stays broken: reconnect once.
-            self._drop_conn()
-            return list(self._exec(self._conn(), sql, params).fetchall())
+        # A connection found broken is replaced and the read tried once more.
+        for attempt in Retrying(stop=stop_after_attempt(2), reraise=True,
+                                retry=retry_if_not_exception_type(LedgerError)):
+            with attempt, self._connection() as conn:
+                return list(self._exec(conn, sql, params).fetchall())
+        raise AssertionError("unreachable")  # Retrying re-raises the last error
 
     def _drop_conn(self) -> None:
         conn, self._local.conn = getattr(self._local, "conn", None), None
@@ -267,41 +305,48 @@ class Ledger:
             except Exception:  # already broken; closing is best effort
                 pass
 
-    def _write(self, statements: Sequence[Tuple[str, Sequence[Any]]]) -> List[int]:
-        """Run statements in one transaction on this thread's connection; return rowcounts."""
-        conn = self._conn()
+    def _transaction(self, conn, statements: Sequence[Tuple[str, Sequence[Any]]]) -> List[int]:
         self._begin_write(conn)
         try:
             counts = [self._exec(conn, s, p).rowcount for s, p in statements]
             self._exec(conn, "COMMIT")
             return counts
         except BaseException:
-            self._exec(conn, "ROLLBACK")
+            try:
+                self._exec(conn, "ROLLBACK")
+            except Exception:  # the connection broke: the server rolled back already
+                pass
             raise
+
+    def _write(self, statements: Sequence[Tuple[str, Sequence[Any]]]) -> List[int]:
+        """Run statements in one transaction; return their rowcounts."""
+        with self._connection() as conn:
+            return self._transaction(conn, statements)
 
     # -- schema --------------------------------------------------------------------------
     def _lock_migrations(self, conn) -> None:
         """Held for the migration transaction, so two starting replicas do not race."""
 
     def migrate(self) -> int:
-        conn = self._conn()
-        self._begin_write(conn)
-        try:
-            self._lock_migrations(conn)
-            self._exec(conn, "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                             "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
-            done = {r[0] for r in self._exec(conn, "SELECT version FROM schema_migrations")}
-            for version, statements in MIGRATIONS:
-                if version in done:
-                    continue
-                for s in statements:
-                    self._exec(conn, s)
-                self._exec(conn, "INSERT INTO schema_migrations (version, applied_at) "
-                                 "VALUES (?, ?)", (version, now_iso()))
-            self._exec(conn, "COMMIT")
-        except BaseException:
-            self._exec(conn, "ROLLBACK")
-            raise
+        with self._connection() as conn:
+            self._begin_write(conn)
+            try:
+                self._lock_migrations(conn)
+                self._exec(conn, "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                                 "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+                done = {r[0] for r in self._exec(conn,
+                                                 "SELECT version FROM schema_migrations")}
+                for version, statements in MIGRATIONS:
+                    if version in done:
+                        continue
+                    for s in statements:
+                        self._exec(conn, s)
+                    self._exec(conn, "INSERT INTO schema_migrations (version, applied_at) "
+                                     "VALUES (?, ?)", (version, now_iso()))
+                self._exec(conn, "COMMIT")
+            except BaseException:
+                self._exec(conn, "ROLLBACK")
+                raise
         return max(v for v, _ in MIGRATIONS)
 
     def schema_version(self) -> int:
@@ -339,10 +384,17 @@ class Ledger:
         return counts[0] == 1
 
     # -- billing -------------------------------------------------------------------------
+    def idempotency_cutoff(self) -> str:
+        """Uses of an Idempotency-Key before this time are forgotten (the retention window)."""
+        return now_iso(datetime.now(timezone.utc)
+                       - timedelta(seconds=self.idempotency_retention_s))
+
     def find_idempotent(self, key_id: str, idempotency_key: str
                         ) -> Optional[Tuple[str, Optional[str]]]:
-        """(the first answer, its request hash) billed under this key's Idempotency-Key."""
-        rows = self._query(FIND_IDEMPOTENT, (key_id, idempotency_key))
+        """(the first answer, its request hash) billed under this key's Idempotency-Key within
+        the retention window."""
+        rows = self._query(FIND_IDEMPOTENT, (key_id, idempotency_key,
+                                             self.idempotency_cutoff()))
         return (rows[0][0], rows[0][1]) if rows else None
 
     def spent(self, key_id: str, period: str) -> Tuple[int, int]:
@@ -373,16 +425,31 @@ class Ledger:
                       (user_id, budget_micro_usd, budget_tokens))])
 
     def start(self) -> None:
-        if self._writer is None:
+        with self._writer_lock:
+            if self._writer is None:
+                self._stopping = False
+                self._writer = threading.Thread(target=self._write_loop, name="ledger-writer",
+                                                daemon=True)
+                self._writer.start()
+
+    def stop(self) -> None:
+        with self._writer_lock:
+            writer, self._stopping = self._writer, True
+        if writer is not None:
+            self._queue.put(None)
+            writer.join(timeout=10)
+            self._writer = None
+
+    def restart_writer(self) -> bool:
+        """A new writer if the started one died (the watchdog); False if it runs or stopped.
+        The queue outlives the thread: the new writer commits what waits there."""
+        with self._writer_lock:
+            if self._stopping or self._writer is None or self._writer.is_alive():
+                return False
             self._writer = threading.Thread(target=self._write_loop, name="ledger-writer",
                                             daemon=True)
             self._writer.start()
-
-    def stop(self) -> None:
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join(timeout=10)
-            self._writer = None
+            return True
 
     def writer_alive(self) -> bool:
         """Whether the writer thread runs (started and not dead): /readyz reports it."""
@@ -401,12 +468,14 @@ class Ledger:
         self._queue.put(_Pending(event, fut))
         return fut
 
-    def _apply(self, conn, p: _Pending) -> CommitResult:
+    def _apply(self, conn, p: _Pending, cutoff: str) -> CommitResult:
         e = p.event
         if e.idempotency_key is not None:
-            rows = self._exec(conn, FIND_IDEMPOTENT, (e.key_id, e.idempotency_key)).fetchall()
+            rows = self._exec(conn, FIND_IDEMPOTENT,
+                              (e.key_id, e.idempotency_key, cutoff)).fetchall()
             if rows:
                 return CommitResult("duplicate", rows[0][0], rows[0][1])
+            self._exec(conn, RELEASE_IDEMPOTENT, (e.key_id, e.idempotency_key, cutoff))
         period = period_of(e.ts)
         tokens = e.input_tokens + e.output_tokens
 
@@ -426,10 +495,10 @@ class Ledger:
         self._exec(conn, INSERT_EVENT, e.columns())
         return CommitResult("billed")
 
-    def _apply_guarded(self, conn, p: _Pending) -> None:
+    def _apply_guarded(self, conn, p: _Pending, cutoff: str) -> None:
         self._exec(conn, "SAVEPOINT ev")
         try:
-            result = self._apply(conn, p)
+            result = self._apply(conn, p, cutoff)
             if result.status == "insufficient_quota":
                 self._exec(conn, "ROLLBACK TO SAVEPOINT ev")
             self._exec(conn, "RELEASE SAVEPOINT ev")
@@ -439,7 +508,7 @@ class Ledger:
             self._exec(conn, "ROLLBACK TO SAVEPOINT ev")
             self._exec(conn, "RELEASE SAVEPOINT ev")
             rows = self._exec(conn, FIND_IDEMPOTENT,
-                              (p.event.key_id, p.event.idempotency_key)).fetchall()
+                              (p.event.key_id, p.event.idempotency_key, cutoff)).fetchall()
             if not rows:
                 raise
             p.result = CommitResult("duplicate", rows[0][0], rows[0][1])
@@ -451,77 +520,140 @@ class Ledger:
     def _write_loop(self) -> None:
         conn = None  # the writer's own connection, reopened after a failure
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            group = [first]
-            deadline = time.monotonic() + self.commit_wait_s
-            stop = False
-            while len(group) < self.commit_max_batch:
-                remaining = deadline - time.monotonic()
-                try:
-                    item = self._queue.get(timeout=remaining) if remaining > 0 else \
-                        self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                group.append(item)
-            try:
-                if conn is None:
-                    conn = self._connect()
-                self._begin_write(conn)
-                for p in sorted(group, key=lambda p: (p.event.user_id, p.event.key_id)):
-                    p.result, p.error = None, None
-                    self._apply_guarded(conn, p)
-                self._exec(conn, "COMMIT")  # one fsync for the whole group
-            except Exception as exc:
-                if conn is not None:
-                    try:
-                        self._exec(conn, "ROLLBACK")
-                        conn.close()
-                    except Exception:  # the connection may be gone already
-                        pass
-                conn = None  # the next group reconnects
-                self._settle_failed(group, exc)
-            else:
-                for p in group:
-                    settle(p.future, p.result, p.error)
+            group, stop = self._next_group()
+            # A request that gave up before its row was taken (its future cancelled) is not
+            # billed; once taken, the future can no longer be cancelled and the row stands.
+            group = [p for p in group if p.future.set_running_or_notify_cancel()]
+            if group:
+                conn = self._commit_group(conn, group)
             if stop:
                 return
 
-    def _settle_failed(self, group: List[_Pending], exc: Exception) -> None:
-        """Answer a group whose transaction raised. A COMMIT can reach the database and the
-        connection break before its answer returns, so the outcome is looked up, never guessed:
-        rows found on a fresh connection are billed; the others were not. When even the lookup
-        fails, the answer says the outcome is unknown (an Idempotency-Key retry tells)."""
-        found = self._existing_ids([p.event.id for p in group])
-        for p in group:
-            result = p.result
-            if result is not None and result.status != "billed":
-                settle(p.future, result)  # a replay or a refusal: no row either way
-            elif found is not None and p.event.id in found and result is not None:
-                settle(p.future, result)
-            elif found is None:
-                settle(p.future, error=LedgerError(
-                    f"ledger commit failed and its outcome is unknown: {first_line(exc)}"))
-            else:
-                settle(p.future, error=LedgerError(f"ledger commit failed: {first_line(exc)}"))
-
-    def _existing_ids(self, ids: Sequence[str]) -> Optional[set]:
-        """Which of `ids` are in billing_events, read on a new connection; None if unreadable."""
-        try:
-            conn = self._connect()
+    def _next_group(self) -> Tuple[List[_Pending], bool]:
+        """The next rows to commit together, and whether the stop signal came after them."""
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        group = [first]
+        deadline = time.monotonic() + self.commit_wait_s
+        while len(group) < self.commit_max_batch:
+            remaining = deadline - time.monotonic()
             try:
-                # One lookup per id (a failed group is rare and at most COMMIT_MAX_BATCH rows);
-                # a fixed statement rather than one built for the group's size.
-                return {i for i in ids if self._exec(
-                    conn, "SELECT 1 FROM billing_events WHERE id = ?", (i,)).fetchall()}
-            finally:
-                conn.close()
-        except Exception:  # the database is still unreachable: nothing can be known
+                item = self._queue.get(timeout=remaining) if remaining > 0 else \
+                    self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return group, True
+            group.append(item)
+        return group, False
+
+    def _commit_group(self, conn, group: List[_Pending]):
+        """One transaction for the group; every future settled, here or by a resolver thread.
+        Returns the connection to use next (None after a failure: the next group reconnects)."""
+        commit_sent, session = False, None
+        try:
+            if conn is None:
+                conn = self._connect()
+            session = self._session_id(conn)
+            self._begin_write(conn)
+            cutoff = self.idempotency_cutoff()
+            # Owners (user, key) whose row failed in this group, e.g. a row lock held elsewhere
+            # past lock_timeout: their other rows fail at once instead of each waiting it out.
+            failed: Dict[str, LedgerError] = {}
+            for p in sorted(group, key=lambda p: (p.event.user_id, p.event.key_id)):
+                p.result, p.error = None, None
+                owners = ("user:" + p.event.user_id, "key:" + p.event.key_id)
+                earlier = next((failed[o] for o in owners if o in failed), None)
+                if earlier is not None:
+                    p.error = earlier
+                    continue
+                self._apply_guarded(conn, p, cutoff)
+                if p.error is not None:
+                    failed.update(dict.fromkeys(owners, p.error))
+            commit_sent = True
+            self._exec(conn, "COMMIT")  # one fsync for the whole group
+        except Exception as exc:
+            if conn is not None:
+                try:
+                    self._exec(conn, "ROLLBACK")
+                    conn.close()
+                except Exception:  # the connection may be gone already
+                    pass
+            if commit_sent:
+                # The COMMIT may have taken: ask the database, off this thread, so that new
+                # groups are not held up while it is unreachable.
+                threading.Thread(target=self._resolve, args=(group, exc, session),
+                                 daemon=True, name="ledger-resolver").start()
+            else:  # it failed before COMMIT: rolled back, nothing of it is stored
+                for p in group:
+                    settle(p.future, *self._unbilled(p, exc))
             return None
+        for p in group:
+            settle(p.future, p.result, p.error)
+        return conn
+
+    @staticmethod
+    def _unbilled(p: _Pending, exc: Exception) -> Tuple[Optional[CommitResult],
+                                                        Optional[Exception]]:
+        """How a row of a group that did not commit is answered: a replay or a refusal as
+        decided (neither wrote anything), else an error saying nothing was billed."""
+        if p.result is not None and p.result.status != "billed":
+            return p.result, None
+        return None, LedgerError(f"ledger commit failed: {first_line(exc)}")
+
+    def _session_id(self, conn) -> Optional[int]:
+        """The database session behind a connection, where the server has one (PostgreSQL)."""
+        return None
+
+    def _session_alive(self, conn, session: int) -> bool:
+        return False
+
+    def _resolve(self, group: List[_Pending], exc: Exception,
+                 session: Optional[int] = None) -> None:
+        """Answer a group whose COMMIT raised. The COMMIT can reach the database and the
+        connection break before its answer returns, so the outcome is looked up, never guessed:
+        rows found are billed, the others were not. The lookup is retried with backoff while the
+        database is unreachable (a restart), for up to outcome_wait_s; after that the answer
+        says the outcome is unknown (an Idempotency-Key retry tells). The lookup waits until the
+        broken session has ended: until then its COMMIT may still be taking effect."""
+        try:
+            found = self._existing_ids_retrying([p.event.id for p in group], session)
+        except Exception as lookup_exc:
+            for p in group:
+                if p.result is not None and p.result.status != "billed":
+                    settle(p.future, p.result)
+                else:
+                    settle(p.future, error=OutcomeUnknown(
+                        f"ledger commit failed ({first_line(exc)}) and its outcome could not be "
+                        f"read within {self.outcome_wait_s:g} s ({first_line(lookup_exc)})"))
+            return
+        for p in group:
+            if p.event.id in found and p.result is not None:
+                settle(p.future, p.result)
+            else:
+                settle(p.future, *self._unbilled(p, exc))
+
+    def _existing_ids_retrying(self, ids: Sequence[str], session: Optional[int]) -> set:
+        for attempt in Retrying(stop=stop_after_delay(self.outcome_wait_s), reraise=True,
+                                wait=wait_exponential(multiplier=0.05, max=2)):
+            with attempt:
+                return self._existing_ids(ids, session)
+        raise AssertionError("unreachable")  # Retrying re-raises the last error
+
+    def _existing_ids(self, ids: Sequence[str], session: Optional[int] = None) -> set:
+        """Which of `ids` are in billing_events, read on a new connection once `session` (the
+        broken writer's) has ended."""
+        conn = self._connect()
+        try:
+            if session is not None and self._session_alive(conn, session):
+                raise LedgerError(f"session {session} is still finishing its transaction")
+            # One lookup per id (a failed group is rare and at most COMMIT_MAX_BATCH rows);
+            # a fixed statement rather than one built for the group's size.
+            return {i for i in ids if self._exec(
+                conn, "SELECT 1 FROM billing_events WHERE id = ?", (i,)).fetchall()}
+        finally:
+            conn.close()
 
     # -- reading -------------------------------------------------------------------------
     def usage(self, user_id: str, start: str, end_exclusive: str) -> List[Dict[str, Any]]:
@@ -562,19 +694,27 @@ class Ledger:
 class SQLiteLedger(Ledger):
     kind = "sqlite"
 
-    def __init__(self, path: Path, **kw):
+    def __init__(self, path: Path, busy_timeout_ms: int = 5_000, **kw):
         super().__init__(**kw)
         self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
         if not self.path.parent.is_dir():
             raise LedgerError(f"ledger folder {self.path.parent} does not exist")
 
     def _connect(self):
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per group).
-        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is fsynced before commit_event returns (the row is on disk).
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
+        # A lock held elsewhere fails the write after busy_timeout_ms (503, unbilled) rather
+        # than stalling the writer and every request queued behind it.
+        wait_s = self.busy_timeout_ms / 1000
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=wait_s)
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is fsynced before commit_event returns (the row is on disk).
+            conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open the SQLite ledger {self.path}: "
+                              + first_line(exc)) from exc
         return conn
 
     def _begin_write(self, conn) -> None:
@@ -588,46 +728,97 @@ class PostgresLedger(Ledger):
     placeholder = "%s"
 
     def __init__(self, dsn: str, statement_timeout_ms: int = 10_000,
-                 lock_timeout_ms: int = 5_000, **kw):
+                 lock_timeout_ms: int = 5_000, pool_size: int = 8, **kw):
         import psycopg
 
         super().__init__(**kw)
         self.dsn = dsn
+        self.pool_size = pool_size
         self.integrity_errors = (psycopg.IntegrityError,)
-        # No statement may stall the writer (and every request behind it) for long: a row lock
-        # held elsewhere or a slow server fails the group, which answers 503, unbilled.
-        self.options = (f"-c statement_timeout={statement_timeout_ms}"
-                        f" -c lock_timeout={lock_timeout_ms}")
+        self._pool: Any = None
+        self._pool_lock = threading.Lock()
+        # autocommit: we issue BEGIN/COMMIT ourselves, as with SQLite. No statement may stall
+        # the writer (and every request behind it) for long: a row lock held elsewhere or a
+        # slow server fails the group, which answers 503, unbilled. TCP keepalives notice a
+        # server that vanished (a partition) within about a minute.
+        self.connect_kwargs: Dict[str, Any] = dict(
+            autocommit=True, connect_timeout=10,
+            options=f"-c statement_timeout={statement_timeout_ms}"
+                    f" -c lock_timeout={lock_timeout_ms}",
+            keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
 
     def _connect(self):
+        """A connection of its own (the writer's, an outcome lookup's), not from the pool."""
         import psycopg
 
         try:
-            # autocommit: we issue BEGIN/COMMIT ourselves, as with SQLite. TCP keepalives
-            # notice a server that vanished (a partition) within about a minute.
-            return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
-                                   options=self.options, keepalives=1, keepalives_idle=30,
-                                   keepalives_interval=10, keepalives_count=3)
+            return psycopg.connect(self.dsn, **self.connect_kwargs)
         except psycopg.OperationalError as exc:
             raise LedgerError("cannot connect to PostgreSQL: "
                               + first_line(exc, "unreachable")) from exc
 
+    def _get_pool(self):
+        from psycopg_pool import ConnectionPool
+
+        with self._pool_lock:
+            if self._pool is None:
+                # check: a connection broken by a server restart is found and replaced when it
+                # is taken out, not handed to a request.
+                self._pool = ConnectionPool(
+                    self.dsn, kwargs=self.connect_kwargs, min_size=1, max_size=self.pool_size,
+                    timeout=POOL_WAIT_S, check=ConnectionPool.check_connection, open=True,
+                    name="tokenmeter-ledger")
+            return self._pool
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A pooled connection for reads and short writes (keys CLI, /readyz, spend reads)."""
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._get_pool().connection() as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise LedgerError("cannot connect to PostgreSQL: " + first_line(exc)) from exc
+
+    def _drop_conn(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
     def _lock_migrations(self, conn) -> None:
         self._exec(conn, "SELECT pg_advisory_xact_lock(727274)")
+
+    def _session_id(self, conn) -> Optional[int]:
+        return int(conn.info.backend_pid)
+
+    def _session_alive(self, conn, session: int) -> bool:
+        # A backend whose client vanished still runs the COMMIT it had received; once it has
+        # exited, its transaction is decided and a lookup is the truth.
+        return bool(self._exec(conn, "SELECT 1 FROM pg_stat_activity WHERE pid = ?",
+                               (session,)).fetchall())
 
 
 def open_ledger(target: str, commit_wait_s: float = 0.0,
                 commit_max_batch: int = 256, max_pending: int = 10_000,
-                pg_statement_timeout_ms: int = 10_000, pg_lock_timeout_ms: int = 5_000
+                pg_statement_timeout_ms: int = 10_000, pg_lock_timeout_ms: int = 5_000,
+                sqlite_busy_timeout_ms: int = 5_000, pg_pool_size: int = 8,
+                idempotency_retention_s: float = 86_400, outcome_wait_s: float = 20.0
                 ) -> Ledger:
     """A migrated ledger: `postgresql://...` (or `postgres://`) or a SQLite file path."""
-    kw = dict(commit_wait_s=commit_wait_s, commit_max_batch=commit_max_batch,
-              max_pending=max_pending)
+    kw: Dict[str, Any] = dict(commit_wait_s=commit_wait_s, commit_max_batch=commit_max_batch,
+                              max_pending=max_pending,
+                              idempotency_retention_s=idempotency_retention_s,
+                              outcome_wait_s=outcome_wait_s)
     if target.startswith(("postgresql://", "postgres://")):
         ledger: Ledger = PostgresLedger(target, pg_statement_timeout_ms, pg_lock_timeout_ms,
-                                        **kw)
+                                        pg_pool_size, **kw)
+        # One direct connection first: an unreachable server is named at once, with its
+        # reason, rather than after the pool's wait.
+        ledger._connect().close()
     else:
-        ledger = SQLiteLedger(Path(target), **kw)
+        ledger = SQLiteLedger(Path(target), sqlite_busy_timeout_ms, **kw)
     try:
         ledger.migrate()
     except LedgerError:
@@ -635,6 +826,14 @@ def open_ledger(target: str, commit_wait_s: float = 0.0,
     except Exception as exc:
         raise LedgerError(f"cannot open the ledger {ledger.kind}: {exc}") from exc
     return ledger
+
+
+def open_ledger_from(s: "Settings") -> Ledger:
+    """The ledger the settings describe (TOKENMETER_LEDGER and its timeouts), migrated."""
+    return open_ledger(s.ledger, s.commit_wait_ms / 1000, s.commit_max_batch,
+                       s.ledger_queue_size, s.pg_statement_timeout_ms, s.pg_lock_timeout_ms,
+                       s.sqlite_busy_timeout_ms, s.pg_pool_size, s.idempotency_retention_s,
+                       s.billing_deadline_s * 0.8)
 
 
 def day_range(start: Optional[str], end: Optional[str]) -> Tuple[str, str]:

@@ -41,6 +41,9 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.queue_depth = Gauge("tokenmeter_queue_depth", "Jobs waiting for the model",
                                  registry=r)
+        self.thread_restarts = Counter("tokenmeter_thread_restarts",
+                                       "Worker threads found dead and restarted by the watchdog",
+                                       ["thread"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

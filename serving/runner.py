@@ -163,6 +163,16 @@ class MicroBatcher:
     def start(self) -> None:
         self._thread.start()
 
+    def restart(self) -> bool:
+        """A new worker if the started one died (the watchdog); False if it runs or stopped."""
+        with self._cond:
+            if self._stopping or self._thread.is_alive() or self._thread.ident is None:
+                return False
+            self._thread = threading.Thread(target=self._loop, name="model-runner",
+                                            daemon=True)
+            self._thread.start()
+            return True
+
     def stop(self) -> None:
         """Answer what is queued, then end the worker."""
         with self._cond:
@@ -291,6 +301,9 @@ class ModelRunner:
     def alive(self) -> bool:
         """Whether the worker thread that runs the model is alive (/readyz reports it)."""
         return self.batcher.alive()
+
+    def restart(self) -> bool:
+        return self.batcher.restart()
 
     def set_batch_hook(self, hook: Optional[Callable[[int], None]]) -> None:
         """Call `hook(rows)` after every model call (e.g. a batch-size histogram)."""

@@ -49,6 +49,17 @@ class Settings(BaseSettings):
     # PostgreSQL only: no statement (and no row-lock wait) of the ledger takes longer.
     pg_statement_timeout_ms: int = Field(10_000, ge=1)
     pg_lock_timeout_ms: int = Field(5_000, ge=1)
+    # SQLite only: how long a write waits for a lock held by another process (the keys CLI,
+    # a backup) before the group fails and its requests get 503 ledger_unavailable, unbilled.
+    sqlite_busy_timeout_ms: int = Field(5_000, ge=0)
+    # PostgreSQL only: connections for reads (keys, spend, usage) shared by the request threads.
+    pg_pool_size: int = Field(8, ge=1)
+    # The longest a request waits for its billing row. A COMMIT whose outcome is unknown (the
+    # connection broke as it was sent) is looked up for 80% of it while the database comes back;
+    # past it the answer is 503 ledger_outcome_unknown (an Idempotency-Key retry tells).
+    billing_deadline_s: float = Field(30.0, gt=0)
+    # An Idempotency-Key is remembered this long (Stripe: 24 h); after it, the key is free.
+    idempotency_retention_s: float = Field(86_400.0, gt=0)
 
     # How long a key record and a month-to-date spend figure are reused without asking the
     # ledger (0: always ask). A key revoked in the database is refused at most this late.

@@ -103,6 +103,16 @@ def model_dir(request) -> Path:
     return request.getfixturevalue("smoke_ws") / "models" / "sentiment" / "1"
 
 
+@pytest.fixture(scope="module")
+def runner(model_dir):
+    """The real model runner in this process (no warm-up), one per test module."""
+    from serving.runner import ModelRunner
+
+    r = ModelRunner(model_dir, execution="graph", warmup=False)
+    yield r
+    r.stop()
+
+
 @pytest.fixture
 def pg_dsn(request):
     """A fresh, empty database on the test server; dropped afterwards. Only for tests marked

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Iterator, List
@@ -22,20 +24,13 @@ from serving.metering import Meter
 from serving.metrics import Metrics, parse_billing_totals
 from serving.model_dir import TOKENIZER_FILE
 from serving.pricing import cost, price_for
-from serving.runner import MicroBatcher, ModelInfo, ModelRunner
+from serving.runner import MicroBatcher, ModelInfo
 from serving.settings import Settings
 from serving.tokenization import default_buckets
 from tests.serving.conftest import PRICING_FILE, ModelFacts
 
 INSTANCE = "billing-test"
 MAX_TEXTS = 4
-
-
-@pytest.fixture(scope="module")
-def runner(model_dir) -> Iterator[ModelRunner]:
-    r = ModelRunner(model_dir, execution="graph", warmup=False)
-    yield r
-    r.stop()
 
 
 @pytest.fixture
@@ -213,6 +208,90 @@ def test_an_idempotency_key_reused_for_another_request_is_a_conflict_and_not_bil
     r = refusal(billing.commit(racing, key))
     assert r.code == "idempotency_key_reused"
     assert billed(billing)["requests"] == 1
+
+
+def test_concurrent_duplicates_wait_for_the_first_and_replay_it(billing):
+    """20 identical requests with one Idempotency-Key at once: one model call, one row, and
+    every caller gets the first answer's bytes."""
+    key, _ = create_key(billing.ledger, "dee")
+    calls: List[int] = []
+
+    async def twenty():
+        return await asyncio.gather(*(billing.analyze(key, body("非常满意"),
+                                                      idempotency_key="pay-20")
+                                      for _ in range(20)))
+
+    billing.runner.set_batch_hook(calls.append)
+    try:
+        answers = asyncio.run(twenty())
+    finally:
+        billing.runner.set_batch_hook(None)
+    assert len({a.body for a in answers}) == 1
+    assert sum(not a.replayed for a in answers) == 1
+    assert calls == [1]  # the model ran once, for the first request
+    assert billed(billing)["requests"] == 1
+    # A concurrent duplicate with another body is a conflict, not a replay.
+    async def pair():
+        return await asyncio.gather(
+            billing.analyze(key, body("很好"), idempotency_key="pay-21"),
+            billing.analyze(key, body("很差"), idempotency_key="pay-21"),
+            return_exceptions=True)
+
+    first, second = asyncio.run(pair())
+    assert not isinstance(first, BaseException) and not first.replayed
+    assert isinstance(second, Refused) and second.code == "idempotency_key_reused"
+    assert billed(billing)["requests"] == 2
+
+
+def test_an_idempotency_key_is_free_again_after_the_retention_window(runner, tmp_path,
+                                                                    model_dir):
+    led = open_ledger(str(tmp_path / "retention.sqlite3"), idempotency_retention_s=1.0)
+    led.start()
+    try:
+        b = make_billing(runner, led, model_dir)
+        key, _ = create_key(led, "eli")
+        first = asyncio.run(b.analyze(key, body("很好"), idempotency_key="monthly-run"))
+        within = asyncio.run(b.analyze(key, body("很好"), idempotency_key="monthly-run"))
+        assert within.replayed and within.body == first.body
+        time.sleep(1.2)  # past the window: the key is forgotten
+        later = asyncio.run(b.analyze(key, body("很差"), idempotency_key="monthly-run"))
+        assert not later.replayed  # another request under the old key: billed, no conflict
+        ids = {json.loads(a.body)["id"] for a in (first, later)}
+        assert len(ids) == 2 and set(led.event_ids()) == ids
+        again = asyncio.run(b.analyze(key, body("很差"), idempotency_key="monthly-run"))
+        assert again.replayed and again.body == later.body  # the new use is remembered
+        assert led.totals_for_instance(INSTANCE)["requests"] == 2
+    finally:
+        led.stop()
+        led.close()
+
+
+def test_cancelled_requests_kill_no_thread_and_bill_only_what_was_taken(billing):
+    """Requests cancelled at random points (a client gone, a timeout wrapper): the runner and
+    the writer live on, every completed answer is billed once, and a cancelled request is billed
+    only if its row had already been taken by the writer."""
+    key, _ = create_key(billing.ledger, "fay")
+    rng = random.Random(7)
+
+    async def storm():
+        tasks = [asyncio.ensure_future(billing.analyze(key, body(f"好{i}")))
+                 for i in range(120)]
+        loop = asyncio.get_running_loop()
+        for t in tasks[::2]:  # each at its own moment, from parsing to waiting on the ledger
+            loop.call_later(rng.random() * 0.05, t.cancel)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(storm())
+    done = [r for r in results if not isinstance(r, BaseException)]
+    cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
+    assert len(done) + cancelled == len(results)  # nothing else went wrong
+    assert cancelled >= 10  # the storm did cancel requests mid-flight
+    rows = set(billing.ledger.event_ids())
+    assert {json.loads(a.body)["id"] for a in done} <= rows
+    assert len(done) <= len(rows) <= len(done) + cancelled
+    assert billing.runner.alive() and billing.ledger.writer_alive()
+    after = asyncio.run(billing.analyze(key, body("很好")))
+    assert json.loads(after.body)["id"] in set(billing.ledger.event_ids())
 
 
 def test_unmetered_answers_without_a_key_and_bills_nothing(runner, ledger, model_dir, facts):
