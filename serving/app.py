@@ -249,6 +249,7 @@ def routes(settings: Settings, metered: bool, meter: Meter) -> APIRouter:
     auth = [Security(bearer)]
     r.add_api_route(
         "/v1/analyze", analyze, methods=["POST"], response_model=AnalyzeResponse,
+        operation_id="analyze",
         responses=ANALYZE_RESPONSES if metered else
         {s: v for s, v in ANALYZE_RESPONSES.items() if s != 401},
         dependencies=auth if metered else [],

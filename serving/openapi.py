@@ -201,7 +201,15 @@ _ALWAYS_RETRY = {503: {"Retry-After": {**_RETRY_AFTER, "required": True}}}
 ANALYZE_RESPONSES: Responses = {
     200: {"description": "the answer, billed; `Idempotent-Replayed: true` on a replay of an "
                          "earlier answer (not billed again)",
-          "headers": {"Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}}}},
+          "headers": {"Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}}},
+          # What a client may do next with this answer (OpenAPI links; schemathesis's stateful
+          # phase follows them): send the same request under the same key again.
+          "links": {"ReplayWithTheSameKey": {
+              "operationId": "analyze",
+              "description": "the same body and Idempotency-Key again: the first answer, "
+                             "`Idempotent-Replayed: true`, not billed again",
+              "parameters": {"header.Idempotency-Key": "$request.header.Idempotency-Key"},
+              "requestBody": "$request.body"}}},
     **_errors({
         400: "invalid_json, invalid_body, missing_text, empty_text, invalid_text, "
              "invalid_texts, too_many_texts, body_too_large, ambiguous_input, unknown_field, "

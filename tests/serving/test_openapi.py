@@ -1,8 +1,9 @@
-"""/openapi.json tells the truth: schemathesis 4 (`--checks all`; examples, coverage and
-fuzzing, and stateful where the document has links) runs against a real `python -m serving
-serve` and finds nothing; none of the errors it provokes is billed; and each finding it made
-against the old document (a `{}` body the schema allowed, a free-text granularity, an
-undocumented 403, /metrics documented as JSON, 405 without `Allow`) is pinned directly here.
+"""/openapi.json tells the truth: schemathesis 4 (`--checks all`; examples, coverage, fuzzing,
+and stateful along the document's link: a replay under the same Idempotency-Key) runs
+against a real `python -m serving serve` and finds nothing; none of the errors it provokes is
+billed; and each finding it made against the old document (a `{}` body the schema allowed, a
+free-text granularity, an undocumented 403, /metrics documented as JSON, 405 without `Allow`)
+is pinned directly here.
 
 `keep_case` is imported by the hooks file the schemathesis subprocess loads (see
 `test_schemathesis_finds_nothing`); it is plain code so that ruff and mypy read it.
@@ -152,6 +153,9 @@ def test_schemathesis_finds_nothing_and_no_error_is_billed(env: Env) -> None:
                        timeout=SCHEMATHESIS_TIMEOUT_S)
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"schemathesis exit {r.returncode}:\n{out[-6000:]}"
+    # The stateful phase ran and followed the document's one link (a replay under the same
+    # Idempotency-Key), rather than being "not applicable".
+    assert re.search(r"API Links:\s+1 covered", out), out[-3000:]
 
     # Every request it sent, with its answer (HAR). A 200 with `Idempotent-Replayed: true`
     # returns an earlier answer and writes no row (schemathesis reuses keys such as "0").
