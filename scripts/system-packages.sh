@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests drive for real (sshd and its client, nss_wrapper for
 # test users; podman, buildah, runc, podman-compose and debootstrap to build and run the
-# image) when some are missing and we may (root + apt-get). Never fails the caller: tests
+# image; Prometheus to run the cost dashboard's queries; headless Chromium and pdftoppm to
+# print and draw an invoice) when some are missing and we may (root + apt-get). Never fails the caller: tests
 # that need a missing one skip, naming it.
 set -uo pipefail
-want=(openssh-server openssh-client libnss-wrapper debootstrap podman buildah runc podman-compose)
+want=(openssh-server openssh-client libnss-wrapper debootstrap podman buildah runc podman-compose
+      prometheus chromium poppler-utils)
 missing=()
 for p in "${want[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

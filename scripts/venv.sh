@@ -10,6 +10,11 @@ command -v "$PY" >/dev/null || { echo "error: $PY not found; install Python 3.11
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' \
   || { echo "error: $PY is not Python 3.11 (the lock is resolved for 3.11); set PYTHON=" >&2; exit 2; }
 
+# One build at a time: a second shell sourcing env.sh meanwhile waits for it, then finds the
+# stamp current (two concurrent builds would delete each other's files).
+exec 9>.venv-build.lock
+flock 9
+
 stamp=.venv/.tokenmeter-lock
 want="$(sha256sum requirements.lock | cut -d' ' -f1)"
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

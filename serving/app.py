@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import (
     AsyncIterator,
     Dict,
+    List,
     Optional,
     Tuple,
 )
@@ -26,14 +27,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from typing_extensions import Annotated  # typing.Annotated is 3.9+; the official image has 3.8
 
-from serving import pricing
+from serving import pricing, reports
 from serving.billing import IDEMPOTENCY_RE, Answer, Billing, Refused, invalid
 from serving.ledger import KeyRecord, Ledger
 from serving.metering import Meter
 from serving.metrics import Metrics
 from serving.openapi import (
     ANALYZE_RESPONSES,
+    REPORT_RESPONSES,
     STRING,
+    TOP_RESPONSES,
     USAGE_RESPONSES,
     AnalyzeResponse,
     DocumentedApp,
@@ -210,6 +213,60 @@ async def usage(key: CallerKey, billing: BillingDep,
     return await billing.usage(key, user, start, end, granularity)
 
 
+def report_response(meta: Dict[str, object], rows: List[Dict[str, object]],
+                    columns: List[str], fmt: str) -> Response:
+    if fmt == "csv":
+        return Response(reports.to_csv(rows, columns), media_type="text/csv")
+    return JSONResponse({**meta, "data": rows})
+
+
+Format = Annotated[str, Query(json_schema_extra={"enum": ["json", "csv"]},
+                              description="json (default) or csv")]
+
+
+async def usage_report(key: CallerKey, billing: BillingDep,
+                       group_by: Annotated[str, Query(
+                           json_schema_extra={"enum": list(reports.GROUPS)})] = "user",
+                       granularity: Annotated[str, Query(
+                           json_schema_extra={"enum": list(reports.GRANULARITIES)})] = "day",
+                       start: Annotated[Optional[str], Query(
+                           description="first UTC day, YYYY-MM-DD (default: the 1st of this "
+                                       "month)", json_schema_extra=_DAY)] = None,
+                       end: Annotated[Optional[str], Query(
+                           description="last UTC day, inclusive (default: today)",
+                           json_schema_extra=_DAY)] = None,
+                       format: Format = "json") -> Response:
+    """Every user's requests, tokens and cost grouped by user, key or model per UTC day or
+    month (admin keys only)."""
+    if format not in ("json", "csv"):
+        raise invalid("invalid_format", "format must be json or csv")
+    rows = await billing.usage_report(key, group_by, granularity, start or None, end or None)
+    names = {"user": ["user"], "key": ["key_id", "user"], "model": ["model"]}[group_by]
+    return report_response({"group_by": group_by, "granularity": granularity,
+                            "start": start or "", "end": end or "",
+                            "currency": billing.price.currency}, rows,
+                           ["period", *names, *REPORT_COLUMNS], format)
+
+
+async def top_users(key: CallerKey, billing: BillingDep,
+                    period: Annotated[Optional[str], Query(
+                        description="UTC month, YYYY-MM (default: this month)",
+                        json_schema_extra={"pattern": "^[0-9]{4}-[0-9]{2}$"})] = None,
+                    n: Annotated[int, Query(ge=1, le=1000)] = 10,
+                    format: Format = "json") -> Response:
+    """The n users with the highest billed cost in a month (admin keys only)."""
+    if format not in ("json", "csv"):
+        raise invalid("invalid_format", "format must be json or csv")
+    rows = await billing.top_users(key, period or None, n)
+    return report_response({"period": period or "", "n": n,
+                            "currency": billing.price.currency}, rows,
+                           ["rank", "user", *REPORT_COLUMNS], format)
+
+
+REPORT_COLUMNS = ["requests", "input_tokens", "output_tokens", "total_tokens", "cost",
+                  "currency"]
+
+
 async def prometheus_metrics(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
     metrics.queue_depth.set(request.app.state.components.runner.depth())
@@ -259,6 +316,10 @@ def routes(settings: Settings, metered: bool, meter: Meter) -> APIRouter:
             "parameters": [idempotency]})
     r.add_api_route("/v1/usage", usage, methods=["GET"], response_model=None,
                     responses=USAGE_RESPONSES, dependencies=auth)
+    r.add_api_route("/v1/reports/usage", usage_report, methods=["GET"], response_model=None,
+                    responses=REPORT_RESPONSES, dependencies=auth)
+    r.add_api_route("/v1/reports/top-users", top_users, methods=["GET"], response_model=None,
+                    responses=TOP_RESPONSES, dependencies=auth)
     r.add_api_route("/metrics", prometheus_metrics, methods=["GET"],
                     response_class=PlainTextResponse,
                     responses={200: {"description": "Prometheus text exposition format",
@@ -274,7 +335,8 @@ def routes(settings: Settings, metered: bool, meter: Meter) -> APIRouter:
 
 def create_app(c: Components) -> FastAPI:
     info = c.runner.info
-    metrics = Metrics(c.instance_id, info.name, info.version)
+    metrics = Metrics(c.instance_id, info.name, info.version,
+                      c.settings.hardware_usd_per_hour)
     billing = Billing(c.settings, c.runner, c.ledger, c.meter, c.price, c.instance_id, metrics)
     if not billing.metered:
         log.warning("metering is off: answers are not authenticated, limited or billed "

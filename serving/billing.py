@@ -35,9 +35,10 @@ from typing import (
 import numpy as np
 from anyio import to_thread
 
-from serving import pricing
+from serving import pricing, reports
 from serving.cache import TtlCache
 from serving.errors import first_line
+from serving.invoices import month_bounds
 from serving.keys import AuthError, bearer_token, check_record, hash_key
 from serving.ledger import (
     BillingEvent,
@@ -488,6 +489,43 @@ class Billing:
             data.append(self._usage_row(r))
         return {"user": who, "start": lo, "end": hi, "granularity": "day", "data": data,
                 "total": self._usage_row(total)}
+
+    def _admin(self, key: KeyRecord) -> None:
+        if not key.is_admin:
+            raise Refused("permission", "forbidden", "reports need an admin key "
+                          "(`keys create --admin`)")
+
+    async def usage_report(self, key: KeyRecord, group_by: str, granularity: str,
+                           start: Optional[str], end: Optional[str]) -> List[Dict[str, Any]]:
+        """Every user's requests, tokens and cost grouped by user, key or model per UTC day or
+        month, start..end inclusive (default: this month). Admin keys only."""
+        self._admin(key)
+        if group_by not in reports.GROUPS:
+            raise invalid("invalid_group_by", f"group_by must be one of {reports.GROUPS}")
+        if granularity not in reports.GRANULARITIES:
+            raise invalid("invalid_granularity",
+                          f"granularity must be one of {reports.GRANULARITIES}")
+        try:
+            lo, hi = day_range(start, end)
+        except ValueError as exc:
+            raise invalid("invalid_date", f"start/end must be YYYY-MM-DD: {exc}") from None
+        rows = await self.read(self.ledger.daily_usage, lo, hi)
+        return [reports.present(r, self.price.currency)
+                for r in reports.aggregate(rows, group_by, granularity)]
+
+    async def top_users(self, key: KeyRecord, period: Optional[str], n: int
+                        ) -> List[Dict[str, Any]]:
+        """The n users with the highest billed cost in a UTC month (default: this one)."""
+        self._admin(key)
+        period = period or now_iso()[:7]
+        try:
+            lo, hi = month_bounds(period)
+        except ValueError as exc:
+            raise invalid("invalid_period", str(exc)) from None
+        if not 1 <= n <= 1000:
+            raise invalid("invalid_n", "n must be between 1 and 1000")
+        rows = await self.read(self.ledger.daily_usage, now_iso(lo), now_iso(hi))
+        return [reports.present(r, self.price.currency) for r in reports.top_users(rows, n)]
 
     def _usage_row(self, r: Mapping[str, Union[int, str]]) -> Dict[str, object]:
         out: Dict[str, object] = {k: v for k, v in r.items() if k != "cost_micro"}

@@ -150,6 +150,45 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _slug(text: str) -> str:
+    """A file-name-safe form of a user id (the invoice number keeps it unique)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:60] or "user"
+
+
+def cmd_invoice(args) -> int:
+    from serving.invoices import RENDERERS, InvoiceError, issue, to_pdf, users_in
+
+    s = _settings(args)
+    ledger = open_ledger_from(s)
+    currency = pricing.currency_of(s.pricing_file)
+    minimum = pricing.monthly_minimum_micro(s.pricing_file)
+    try:
+        users = [args.user] if args.user else users_in(ledger, args.period)
+        if args.out is None and len(users) != 1:
+            raise CliError(f"{len(users)} users have usage in {args.period}: give --user, or "
+                           "--out DIR for one file each")
+        for user in users:
+            invoice = issue(ledger, user, args.period, currency, minimum, preview=args.preview)
+            data = to_pdf(invoice.document) if args.format == "pdf" else \
+                RENDERERS[args.format](invoice.document).encode("utf-8")
+            if args.out is None:
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+                continue
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"invoice-{args.period}-{_slug(user)}.{args.format}"
+            tmp = path.with_suffix(path.suffix + ".tmp")  # never a half-written invoice
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            state = "final" if invoice.final else "preview"
+            print(f"{path}  {invoice.document['total']} {currency}  {state}  "
+                  f"sha256 {invoice.sha256[:16]}", file=sys.stderr)
+    except InvoiceError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def fetch_metrics(url: str) -> str:
     import httpx
 
@@ -275,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--end", help="YYYY-MM-DD inclusive (default: today, UTC)")
     rep.add_argument("--format", choices=("table", "csv", "json"), default="table")
     rep.set_defaults(func=cmd_report)
+
+    inv = sub.add_parser("invoice", help="a user's invoice for a month (final once the month "
+                                         "is closed; stored and re-issued byte for byte)")
+    inv.add_argument("--period", required=True, help="YYYY-MM (UTC calendar month)")
+    inv.add_argument("--user", help="one user (default: every user billed in the period)")
+    inv.add_argument("--format", choices=("json", "csv", "html", "pdf"), default="json",
+                     help="json (the stored form), csv, html, or pdf (needs chromium)")
+    inv.add_argument("--out", help="folder: one file per user (default: stdout, one user)")
+    inv.add_argument("--preview", action="store_true",
+                     help="a draft of any month, open ones included; never stored")
+    inv.set_defaults(func=cmd_invoice)
 
     v = sub.add_parser("verify", help="reconcile the ledger with a running process's /metrics")
     v.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")

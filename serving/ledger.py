@@ -103,6 +103,18 @@ MIGRATIONS: List[Tuple[int, List[str]]] = [
         # refused instead of replaying an answer to a different question. NULL on older rows.
         "ALTER TABLE billing_events ADD COLUMN request_hash TEXT",
     ]),
+    (4, [
+        # Final invoices of closed months, stored once (serving.invoices): re-issuing one
+        # returns these bytes, whatever was written to billing_events since.
+        """CREATE TABLE IF NOT EXISTS invoices (
+            user_id TEXT NOT NULL,
+            period TEXT NOT NULL,
+            number TEXT NOT NULL UNIQUE,
+            issued_at TEXT NOT NULL,
+            body TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            PRIMARY KEY (user_id, period))""",
+    ]),
 ]
 
 
@@ -668,6 +680,19 @@ class Ledger:
                  "input_tokens": int(r[3]), "output_tokens": int(r[4]),
                  "cost_micro": int(r[5])} for r in rows]
 
+    def daily_usage(self, start: str, end_exclusive: str) -> List[Dict[str, Any]]:
+        """Requests, tokens and cost by UTC day, user, key and model, start <= ts < end (what
+        serving.reports groups further)."""
+        rows = self._query(
+            "SELECT substr(ts, 1, 10), user_id, key_id, model, COUNT(*), SUM(input_tokens),"
+            " SUM(output_tokens), SUM(cost_micro) FROM billing_events"
+            " WHERE ts >= ? AND ts < ?"
+            " GROUP BY substr(ts, 1, 10), user_id, key_id, model ORDER BY 1, 2, 3, 4",
+            (start, end_exclusive))
+        return [{"date": r[0], "user": r[1], "key_id": r[2], "model": r[3],
+                 "requests": int(r[4]), "input_tokens": int(r[5]), "output_tokens": int(r[6]),
+                 "cost_micro": int(r[7])} for r in rows]
+
     def report(self, start: str, end_exclusive: str) -> List[Dict[str, Any]]:
         rows = self._query(
             "SELECT user_id, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cost_micro)"
@@ -675,6 +700,39 @@ class Ledger:
             (start, end_exclusive))
         return [{"user": r[0], "requests": int(r[1]), "input_tokens": int(r[2]),
                  "output_tokens": int(r[3]), "cost_micro": int(r[4])} for r in rows]
+
+    def invoice_lines(self, user_id: str, start: str, end_exclusive: str
+                      ) -> List[Dict[str, Any]]:
+        """A user's billed requests in [start, end) by model and unit prices: counts, tokens
+        and the sums of the per-request amounts (micro-USD)."""
+        rows = self._query(
+            "SELECT model, input_price_per_1k, output_price_per_1k, COUNT(*),"
+            " SUM(input_tokens), SUM(output_tokens), SUM(input_cost_micro),"
+            " SUM(output_cost_micro) FROM billing_events"
+            " WHERE user_id = ? AND ts >= ? AND ts < ?"
+            " GROUP BY model, input_price_per_1k, output_price_per_1k ORDER BY 1, 2, 3",
+            (user_id, start, end_exclusive))
+        return [{"model": r[0], "input_price_per_1k": r[1], "output_price_per_1k": r[2],
+                 "requests": int(r[3]), "input_tokens": int(r[4]), "output_tokens": int(r[5]),
+                 "input_micro": int(r[6]), "output_micro": int(r[7])} for r in rows]
+
+    def users_billed(self, start: str, end_exclusive: str) -> List[str]:
+        return [r[0] for r in self._query(
+            "SELECT DISTINCT user_id FROM billing_events WHERE ts >= ? AND ts < ?"
+            " ORDER BY user_id", (start, end_exclusive))]
+
+    def stored_invoice(self, user_id: str, period: str) -> Optional[Tuple[str, str]]:
+        """(body, sha256) of the final invoice stored for a user and month."""
+        rows = self._query("SELECT body, sha256 FROM invoices WHERE user_id = ? AND period = ?",
+                           (user_id, period))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def store_invoice(self, user_id: str, period: str, number: str, issued_at: str,
+                      body: str, sha256: str) -> None:
+        """Store a final invoice unless one is stored already (the first one stays)."""
+        self._write([("INSERT INTO invoices (user_id, period, number, issued_at, body, sha256)"
+                      " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                      (user_id, period, number, issued_at, body, sha256))])
 
     def totals_for_instance(self, instance_id: str) -> Dict[str, int]:
         r = self._query("SELECT COUNT(*), COALESCE(SUM(input_tokens), 0),"

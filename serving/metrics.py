@@ -5,6 +5,8 @@ model); no per-user or per-key labels, which would grow without limit.
 
 from __future__ import annotations
 
+import os
+from decimal import Decimal
 from typing import Dict, Optional
 
 from prometheus_client import (
@@ -13,15 +15,35 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity; all of them where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class Metrics:
-    def __init__(self, instance_id: str, model: str, version: str):
+    def __init__(self, instance_id: str, model: str, version: str,
+                 hardware_usd_per_hour: Optional[Decimal] = None):
         self.registry = CollectorRegistry()
         r = self.registry
+        # What the dashboard's utilisation-vs-unit-cost panel divides: process_cpu_seconds_total
+        # (and memory) of this process, the cores it may use, and what the machine costs.
+        ProcessCollector(registry=r)
+        Gauge("tokenmeter_cpu_cores", "CPU cores this process may use", registry=r) \
+            .set(usable_cores())
+        if hardware_usd_per_hour is not None:
+            # A price as a float sample: for dashboards only, never for billing.
+            Gauge("tokenmeter_hardware_usd_per_hour",
+                  "What the machine serving this process costs per hour (settings)",
+                  registry=r).set(float(hardware_usd_per_hour))
         Info("tokenmeter_instance", "This process: the id its billing rows carry", registry=r) \
             .info({"instance_id": instance_id, "model": model, "model_version": version})
         self.requests = Counter("tokenmeter_requests", "HTTP requests by route and status",

@@ -235,6 +235,47 @@ USAGE_RESPONSES: Responses = {
     }, headers={**_ALWAYS_BEARER, **_ALWAYS_RETRY}),
 }
 
+def _report_row(names: Dict[str, str], extra: Dict[str, Any]) -> Dict[str, Any]:
+    props: Dict[str, Any] = {**extra, **{n: {"type": "string", "description": d}
+                                         for n, d in names.items()}}
+    for f in ("requests", "input_tokens", "output_tokens", "total_tokens"):
+        props[f] = {"type": "integer", "minimum": 0}
+    props["cost"] = {"type": "string", "description": "billed, decimal string, 6 places"}
+    props["currency"] = {"type": "string"}
+    return {"type": "object", "properties": props,
+            "required": sorted(set(props) - {"user", "key_id", "model"})}
+
+
+_GROUP_NAMES = {"user": "user id (group_by=user or key)", "key_id": "key id (group_by=key)",
+                "model": "model name (group_by=model)"}
+REPORT_ROW = _report_row(_GROUP_NAMES, {"period": {
+    "type": "string", "description": "UTC day (YYYY-MM-DD) or month (YYYY-MM)"}})
+TOP_ROW = _report_row({"user": "user id"}, {"rank": {"type": "integer", "minimum": 1}})
+_REPORT_ERRORS = _errors({
+    400: "invalid_group_by, invalid_granularity, invalid_date, invalid_period or invalid_n",
+    401: _UNAUTHENTICATED,
+    403: "forbidden: reports need an admin key",
+    503: "ledger_unavailable: the ledger cannot be read; Retry-After says when to retry",
+}, headers={**_ALWAYS_BEARER, **_ALWAYS_RETRY})
+
+
+def _report_responses(row: Dict[str, Any], meta: Dict[str, Any], what: str) -> Responses:
+    body = {"type": "object", "required": [*meta, "currency", "data"],
+            "properties": {**meta, "currency": {"type": "string"},
+                           "data": {"type": "array", "items": row}}}
+    return {200: {"description": what + "; `format=csv`: the rows as CSV, one header line",
+                  "content": {"application/json": {"schema": body},
+                              "text/csv": STRING}},
+            **_REPORT_ERRORS}
+
+
+REPORT_RESPONSES = _report_responses(REPORT_ROW, {
+    "group_by": {"type": "string", "enum": ["user", "key", "model"]},
+    "granularity": {"type": "string", "enum": ["day", "month"]},
+    "start": {"type": "string"}, "end": {"type": "string"}}, "usage by group and period")
+TOP_RESPONSES = _report_responses(TOP_ROW, {"period": {"type": "string"},
+                                            "n": {"type": "integer"}}, "the top users")
+
 # Bearer keys, in the document only: caller_key reads the header itself so that each failure
 # gets its own code; auto_error=False keeps this from answering anything.
 bearer = HTTPBearer(auto_error=False, description="an API key made with `keys create`")

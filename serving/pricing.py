@@ -104,6 +104,24 @@ def load_prices(path: Path) -> Dict[str, Price]:
     return prices
 
 
+def monthly_minimum_micro(path: Path) -> int:
+    """The optional `monthly_minimum_usd` of the pricing file (0 when absent): what a user's
+    invoice totals at least, a true-up line making up the difference."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise PricingError(f"cannot read pricing file {path}: {exc}") from exc
+    value = data.get("monthly_minimum_usd") if isinstance(data, dict) else None
+    if value is None:
+        return 0
+    return usd_to_micro(str(_decimal(value, f"{path}: monthly_minimum_usd")))
+
+
+def currency_of(path: Path) -> str:
+    prices = load_prices(path)
+    return next(iter(prices.values())).currency if prices else "USD"
+
+
 def price_for(path: Path, model: str) -> Price:
     prices = load_prices(path)
     if model not in prices:

@@ -6,6 +6,7 @@ or open connections -- the modules that own those do.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Optional
 
@@ -74,6 +75,10 @@ class Settings(BaseSettings):
     # and never the default. Declared in this order so the check below can see both.
     allow_unmetered: bool = False
     metering: str = "on"
+
+    # What the machine costs per hour (USD), exported for the cost dashboard's unit cost per
+    # 1K tokens; the default is a 2-vCPU on-demand instance (params.yaml's benchmark hardware).
+    hardware_usd_per_hour: Decimal = Field(Decimal("0.085"), ge=0)
 
     log_level: str = "info"
     instance_id: Optional[str] = None

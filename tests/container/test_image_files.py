@@ -325,7 +325,7 @@ def test_compose_services_ports_gpu_and_prometheus():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     gpu_file = yaml.safe_load((DOCKER / "compose.gpu.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"dev", "serve", "mlflow", "prometheus"}
+    assert set(services) == {"dev", "serve", "mlflow", "prometheus", "grafana"}
     for name in ("dev", "serve", "mlflow"):
         # `python -m image build` tags its image tokenmeter:latest; compose runs that.
         assert services[name]["image"] == f"${{TOKENMETER_IMAGE:-{LATEST}}}"

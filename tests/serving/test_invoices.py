@@ -1,0 +1,256 @@
+"""Invoices (serving/invoices.py, `python -m serving invoice`) against a generated month of
+traffic: three users, four keys, two models and a price change in the middle of the month,
+written through the real ledger writer into a real SQLite file.
+
+Expected figures come from the generated events themselves (amounts rounded half-up by this
+test, summed in Python) and from plain SQL on the file, never from the code under test:
+totals equal the ledger to the micro-USD, a closed month's invoice is stored once and re-issued
+byte for byte (also after a late row), an open month is refused as final and only previewed,
+and the monthly minimum is trued up.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+import subprocess
+import uuid
+from collections import defaultdict
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+
+from serving.invoices import InvoiceError, issue, to_csv, to_html
+from serving.keys import create_key
+from serving.ledger import BillingEvent, Ledger, open_ledger
+from tests.serving.conftest import ModelFacts, cli
+
+PERIOD = "2026-10"
+NOW = datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc)  # October is closed by then
+# (model, input price, output price) in force before / from the 16th.
+PRICES = {"sentiment": (("0.002", "0.002"), ("0.0025", "0.002")),
+          "sentiment-large": (("0.010", "0.030"), ("0.010", "0.030"))}
+USERS = {"acme": 2, "globex": 1, "initech": 1}  # keys per user
+EVENTS = {"acme": 120, "globex": 60, "initech": 3}
+
+
+def micro(tokens: int, price: str) -> int:
+    return ModelFacts.side_micro(tokens, Decimal(price))  # the test's own half-up rounding
+
+
+def event(key, ts: str, model: str, n_in: int, n_out: int) -> BillingEvent:
+    day = int(ts[8:10])
+    p_in, p_out = PRICES[model][0 if day < 16 else 1]
+    c_in, c_out = micro(n_in, p_in), micro(n_out, p_out)
+    eid = "evt_" + uuid.uuid4().hex
+    return BillingEvent(id=eid, ts=ts, key_id=key.id, user_id=key.user_id, model=model,
+                        model_version="1", input_tokens=n_in, output_tokens=n_out,
+                        currency="USD", input_price_per_1k=p_in, output_price_per_1k=p_out,
+                        input_cost_micro=c_in, output_cost_micro=c_out,
+                        cost_micro=c_in + c_out, latency_us=1, request_id=eid,
+                        instance_id="invoice-test", idempotency_key=None, response="{}")
+
+
+def write_month(led: Ledger) -> List[BillingEvent]:
+    """A month of generated traffic (plus a row on each side of it) through the real writer;
+    the events of PERIOD."""
+    rng = random.Random(11)
+    events: List[BillingEvent] = []
+    for user, n_keys in USERS.items():
+        keys = [create_key(led, user)[0] for _ in range(n_keys)]
+        for i in range(EVENTS[user]):
+            ts = f"{PERIOD}-{rng.randint(1, 31):02d}T{rng.randint(0, 23):02d}:{i % 60:02d}:00Z"
+            events.append(event(rng.choice(keys), ts, rng.choice(list(PRICES)),
+                                rng.randint(3, 400), rng.randint(1, 24)))
+        events.append(event(keys[0], "2026-09-30T23:59:59.999999Z", "sentiment", 50, 3))
+        events.append(event(keys[0], "2026-11-01T00:00:00.000000Z", "sentiment", 50, 3))
+    for e in events:
+        assert led.commit_event(e).result(timeout=30).status == "billed"
+    return [e for e in events if e.ts.startswith(PERIOD)]
+
+
+@pytest.fixture
+def month(tmp_path) -> Iterator[Tuple[Ledger, Path, List[BillingEvent]]]:
+    """A ledger holding a month of traffic, plus a few rows in the months around it."""
+    path = tmp_path / "ledger.sqlite3"
+    led = open_ledger(str(path))
+    led.start()
+    events = write_month(led)
+    yield led, path, events
+    led.stop()
+    led.close()
+
+
+def expected_lines(events: List[BillingEvent], user: str) -> Dict[tuple, Dict[str, int]]:
+    out: Dict[tuple, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for e in events:
+        if e.user_id == user:
+            line = out[(e.model, e.input_price_per_1k, e.output_price_per_1k)]
+            line["requests"] += 1
+            line["input_tokens"] += e.input_tokens
+            line["output_tokens"] += e.output_tokens
+            line["input_micro"] += e.input_cost_micro
+            line["output_micro"] += e.output_cost_micro
+    return out
+
+
+def usd(micro_amount: int) -> str:
+    return f"{Decimal(micro_amount) / 1_000_000:.6f}"
+
+
+def test_totals_equal_the_ledger_to_the_micro_usd(month):
+    led, path, events = month
+    with sqlite3.connect(path) as db:
+        ledger_sums = dict(db.execute(
+            "SELECT user_id, SUM(cost_micro) FROM billing_events"
+            " WHERE ts >= '2026-10-01' AND ts < '2026-11-01' GROUP BY user_id").fetchall())
+    for user in USERS:
+        doc = issue(led, user, PERIOD, now=NOW).document
+        want = expected_lines(events, user)
+        assert len(want) >= 3  # both models, and sentiment at both prices
+        got = {(ln["model"], ln["input_price_per_1k"], ln["output_price_per_1k"]): ln
+               for ln in doc["lines"]}
+        assert set(got) == set(want)
+        for k, w in want.items():
+            g = got[k]
+            assert (g["requests"], g["input_tokens"], g["output_tokens"]) == \
+                (w["requests"], w["input_tokens"], w["output_tokens"])
+            assert (g["input_amount"], g["output_amount"], g["amount"]) == (
+                usd(w["input_micro"]), usd(w["output_micro"]),
+                usd(w["input_micro"] + w["output_micro"]))
+        total = sum(e.cost_micro for e in events if e.user_id == user)
+        assert doc["subtotal"] == doc["total"] == usd(total) == usd(ledger_sums[user])
+        assert doc["status"] == "final" and doc["true_up"] == "0.000000"
+        assert doc["requests"] == EVENTS[user]
+
+
+def test_a_closed_month_is_issued_once_and_reissued_byte_for_byte(month, tmp_path):
+    led, path, _ = month
+    first = issue(led, "acme", PERIOD, now=NOW)
+    key = create_key(led, "acme")[0]
+    late = event(key, f"{PERIOD}-31T23:59:59.900000Z", "sentiment", 999, 9)
+    assert led.commit_event(late).result(timeout=30).status == "billed"  # a late row
+    again = issue(led, "acme", PERIOD, now=NOW.replace(day=20))
+    assert (again.body, again.sha256) == (first.body, first.sha256)
+    assert to_csv(again.document) == to_csv(first.document)
+    assert to_html(again.document) == to_html(first.document)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM invoices").fetchone()[0] == 1
+    # The late row shows in a preview, never in the stored invoice.
+    preview = issue(led, "acme", PERIOD, preview=True, now=NOW).document
+    assert preview["status"] == "preview"
+    assert Decimal(preview["total"]) - Decimal(first.document["total"]) == \
+        Decimal(late.cost_micro) / 1_000_000
+
+
+def test_an_open_month_is_refused_as_final_and_only_previewed(month, tmp_path):
+    led, path, _ = month
+    with pytest.raises(InvoiceError, match="not closed yet.*--preview"):
+        issue(led, "acme", "2026-11", now=datetime(2026, 11, 20, tzinfo=timezone.utc))
+    # Closed only after the grace that lets a request stamped 23:59:59 commit.
+    just_after = datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc)
+    with pytest.raises(InvoiceError):
+        issue(led, "acme", PERIOD, now=just_after)
+    draft = issue(led, "acme", "2026-11", preview=True, now=just_after).document
+    assert draft["status"] == "preview" and draft["requests"] == 1  # the 1 Nov 00:00 row
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM invoices").fetchone()[0] == 0
+    assert issue(led, "acme", PERIOD,
+                 now=datetime(2026, 11, 1, 0, 11, tzinfo=timezone.utc)).final
+
+
+def test_the_monthly_minimum_is_trued_up(month):
+    led, _, events = month
+    minimum = 50_000  # $0.05
+    small = sum(e.cost_micro for e in events if e.user_id == "initech")
+    big = sum(e.cost_micro for e in events if e.user_id == "acme")
+    assert small < minimum < big  # the fixture crosses the minimum both ways
+    doc = issue(led, "initech", PERIOD, minimum_micro=minimum, now=NOW).document
+    assert (doc["subtotal"], doc["true_up"], doc["total"]) == \
+        (usd(small), usd(minimum - small), usd(minimum))
+    doc = issue(led, "acme", PERIOD, minimum_micro=minimum, now=NOW).document
+    assert (doc["true_up"], doc["total"]) == ("0.000000", usd(big))
+
+
+def test_the_cli_writes_each_users_invoice_and_refuses_what_it_cannot_issue(month, tmp_path):
+    led, path, events = month
+    prices = tmp_path / "pricing.yaml"
+    prices.write_text('currency: USD\nmonthly_minimum_usd: "0.05"\nmodels:\n  sentiment:\n'
+                      '    input_per_1k: "0.002"\n    output_per_1k: "0.002"\n',
+                      encoding="utf-8")
+    env = {"TOKENMETER_PRICING_FILE": str(prices)}
+    out = tmp_path / "invoices"
+    cli(str(path), "invoice", "--period", PERIOD, "--format", "html", "--out", str(out), env=env)
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == [f"invoice-{PERIOD}-{u}.html" for u in sorted(USERS)]
+    page = (out / f"invoice-{PERIOD}-initech.html").read_text(encoding="utf-8")
+    assert "True-up to the monthly minimum of 0.050000" in page and "PREVIEW" not in page
+    before = {f.name: f.read_bytes() for f in files}
+    cli(str(path), "invoice", "--period", PERIOD, "--format", "html", "--out", str(out), env=env)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # re-issued, same bytes
+    csv_text = cli(str(path), "invoice", "--period", PERIOD, "--user", "globex", "--format",
+                   "csv", env=env).stdout
+    total_row = csv_text.strip().splitlines()[-1].split(",")
+    assert total_row[3] == "total" and total_row[-2] == usd(
+        sum(e.cost_micro for e in events if e.user_id == "globex"))
+    for args, says in ((["--period", "2999-01", "--user", "acme"], "not closed yet"),
+                       (["--period", "2026-13", "--user", "acme"], "period must be YYYY-MM"),
+                       (["--period", PERIOD], "give --user")):
+        r = cli(str(path), "invoice", *args, env=env, check=False)
+        assert r.returncode == 2 and says in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1  # one line, no traceback
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def screenshot(html_file: Path, png: Path) -> None:
+    """Headless Chromium draws the page as a customer's browser would (no network)."""
+    r = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+                        "--hide-scrollbars", "--window-size=1100,760",
+                        f"--screenshot={png}", html_file.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and png.is_file(), r.stderr[-2000:]
+
+
+def test_the_html_invoice_renders_as_a_bill(month, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("needs chromium (Debian's `chromium`; scripts/system-packages.sh)")
+    led, _, _ = month
+    page = tmp_path / "invoice.html"
+    page.write_text(to_html(issue(led, "acme", PERIOD, minimum_micro=50_000,
+                                  now=NOW).document), encoding="utf-8")
+    png = tmp_path / "invoice.png"
+    screenshot(page, png)
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(png))
+    assert img.shape[0] >= 700 and img.shape[1] >= 1000
+    # Not a blank page: dark text on light ground covers a real share of it.
+    dark = (img[..., :3].mean(axis=2) < 0.5).mean()
+    assert 0.005 < dark < 0.5, dark
+
+
+def test_the_pdf_invoice_prints_the_same_bill(month, tmp_path):
+    if CHROMIUM is None or shutil.which("pdftoppm") is None:
+        pytest.skip("needs chromium and pdftoppm (Debian's `chromium`, `poppler-utils`)")
+    _, path, events = month
+    out = tmp_path / "pdf"
+    cli(str(path), "invoice", "--period", PERIOD, "--user", "globex", "--format", "pdf",
+        "--out", str(out))
+    pdf = out / f"invoice-{PERIOD}-globex.pdf"
+    assert pdf.read_bytes().startswith(b"%PDF-")
+    r = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True)
+    total = usd(sum(e.cost_micro for e in events if e.user_id == "globex"))
+    assert r.returncode == 0 and "Invoice TM-202610-" in r.stdout and total in r.stdout
+    subprocess.run(["pdftoppm", "-png", "-r", "50", "-singlefile", str(pdf),
+                    str(tmp_path / "page")], check=True, timeout=60)
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(tmp_path / "page.png"))
+    dark = (img[..., :3].mean(axis=2) < 0.5).mean()
+    assert 0.002 < dark < 0.5, dark  # a printed page, not a blank one
