@@ -329,7 +329,8 @@ class Billing:
             "cost": {"currency": currency,
                      "input": pricing.micro_to_str(cost.input_micro),
                      "output": pricing.micro_to_str(cost.output_micro),
-                     "total": pricing.micro_to_str(cost.total_micro)},
+                     "total": pricing.micro_to_str(cost.total_micro),
+                     "tier": cost.tier},
         }
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
@@ -439,14 +440,16 @@ class Billing:
               idem: Optional[str], body: str,
               request_hash: Optional[str] = None) -> BillingEvent:
         info, price = self.info, self.price
+        input_rate, output_rate = price.rates(cost.tier)  # the tier's: what was charged
         return BillingEvent(
             id=event_id, ts=ts, key_id=key.id, user_id=key.user_id, model=info.name,
             model_version=info.version, input_tokens=input_tokens, output_tokens=output_tokens,
-            currency=price.currency, input_price_per_1k=str(price.input_per_1k),
-            output_price_per_1k=str(price.output_per_1k), input_cost_micro=cost.input_micro,
+            currency=price.currency, input_price_per_1k=str(input_rate),
+            output_price_per_1k=str(output_rate), input_cost_micro=cost.input_micro,
             output_cost_micro=cost.output_micro, cost_micro=cost.total_micro,
             latency_us=latency_us, request_id=request_id, instance_id=self.instance_id,
-            idempotency_key=idem, response=body, request_hash=request_hash)
+            idempotency_key=idem, response=body, request_hash=request_hash,
+            price_tier=cost.tier)
 
     def record(self, event: BillingEvent, truncated: int) -> None:
         """Metrics and the billing log line of a billed (not replayed) answer."""

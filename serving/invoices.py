@@ -80,7 +80,7 @@ def build(ledger: Ledger, user: str, period: str, currency: str, minimum_micro: 
     lines = []
     for r in rows:
         lines.append({
-            "model": r["model"], "requests": r["requests"],
+            "model": r["model"], "tier": r["tier"], "requests": r["requests"],
             "input_tokens": r["input_tokens"], "input_price_per_1k": r["input_price_per_1k"],
             "input_amount": micro_to_str(r["input_micro"]),
             "output_tokens": r["output_tokens"], "output_price_per_1k": r["output_price_per_1k"],
@@ -101,7 +101,7 @@ def build(ledger: Ledger, user: str, period: str, currency: str, minimum_micro: 
         "monthly_minimum": micro_to_str(minimum_micro),
         "true_up": micro_to_str(true_up),
         "total": micro_to_str(subtotal + true_up),
-        "tiers_applied": [],  # composite pricing (issue 12) is not built yet: flat prices
+        "tiers_applied": sorted({r["tier"] for r in rows}),
         "rounding": ROUNDING,
     }
 
@@ -138,7 +138,7 @@ def issue(ledger: Ledger, user: str, period: str, currency: str = "USD",
     return Issued(body, sha, final=True)
 
 
-CSV_COLUMNS = ["invoice", "user", "period", "line", "model", "requests", "input_tokens",
+CSV_COLUMNS = ["invoice", "user", "period", "line", "model", "tier", "requests", "input_tokens",
                "input_price_per_1k", "input_amount", "output_tokens", "output_price_per_1k",
                "output_amount", "amount", "currency"]
 
@@ -156,11 +156,16 @@ def to_csv(doc: Dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+def _tier_note(tier: str) -> str:
+    return "" if tier == "standard" else f" <small>({html.escape(tier.replace('_', ' '))})</small>"
+
+
 def to_html(doc: Dict[str, Any]) -> str:
     """A self-contained page a customer would accept as a bill (no script, no remote asset)."""
     e = html.escape
     rows = "".join(
-        f"<tr><td>{e(line['model'])}</td><td class=n>{line['requests']:,}</td>"
+        f"<tr><td>{e(line['model'])}{_tier_note(line['tier'])}</td>"
+        f"<td class=n>{line['requests']:,}</td>"
         f"<td class=n>{line['input_tokens']:,}</td><td class=n>{e(line['input_price_per_1k'])}"
         f"</td><td class=n>{e(line['input_amount'])}</td>"
         f"<td class=n>{line['output_tokens']:,}</td><td class=n>"

@@ -115,6 +115,11 @@ MIGRATIONS: List[Tuple[int, List[str]]] = [
             sha256 TEXT NOT NULL,
             PRIMARY KEY (user_id, period))""",
     ]),
+    (5, [
+        # The price tier a request was billed at (serving.pricing.TIERS); NULL on older rows,
+        # which were all standard.
+        "ALTER TABLE billing_events ADD COLUMN price_tier TEXT",
+    ]),
 ]
 
 
@@ -187,20 +192,22 @@ class BillingEvent:
     idempotency_key: Optional[str]
     response: str
     request_hash: Optional[str] = None
+    price_tier: Optional[str] = None
 
     def columns(self) -> Tuple[Any, ...]:
         return (self.id, self.ts, self.key_id, self.user_id, self.model, self.model_version,
                 self.input_tokens, self.output_tokens, self.currency, self.input_price_per_1k,
                 self.output_price_per_1k, self.input_cost_micro, self.output_cost_micro,
                 self.cost_micro, self.latency_us, self.request_id, self.instance_id,
-                self.idempotency_key, self.response, self.request_hash)
+                self.idempotency_key, self.response, self.request_hash, self.price_tier)
 
 
 INSERT_EVENT = (
     "INSERT INTO billing_events (id, ts, key_id, user_id, model, model_version, input_tokens,"
     " output_tokens, currency, input_price_per_1k, output_price_per_1k, input_cost_micro,"
     " output_cost_micro, cost_micro, latency_us, request_id, instance_id, idempotency_key,"
-    " response, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    " response, request_hash, price_tier)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 # Within the retention window only: an older use of the key no longer counts (Stripe's 24 h).
 FIND_IDEMPOTENT = ("SELECT response, request_hash FROM billing_events"
                    " WHERE key_id = ? AND idempotency_key = ? AND ts >= ?")
@@ -703,18 +710,20 @@ class Ledger:
 
     def invoice_lines(self, user_id: str, start: str, end_exclusive: str
                       ) -> List[Dict[str, Any]]:
-        """A user's billed requests in [start, end) by model and unit prices: counts, tokens
-        and the sums of the per-request amounts (micro-USD)."""
+        """A user's billed requests in [start, end) by model, price tier and unit prices:
+        counts, tokens and the sums of the per-request amounts (micro-USD)."""
         rows = self._query(
-            "SELECT model, input_price_per_1k, output_price_per_1k, COUNT(*),"
-            " SUM(input_tokens), SUM(output_tokens), SUM(input_cost_micro),"
-            " SUM(output_cost_micro) FROM billing_events"
+            "SELECT model, COALESCE(price_tier, 'standard'), input_price_per_1k,"
+            " output_price_per_1k, COUNT(*), SUM(input_tokens), SUM(output_tokens),"
+            " SUM(input_cost_micro), SUM(output_cost_micro) FROM billing_events"
             " WHERE user_id = ? AND ts >= ? AND ts < ?"
-            " GROUP BY model, input_price_per_1k, output_price_per_1k ORDER BY 1, 2, 3",
+            " GROUP BY model, COALESCE(price_tier, 'standard'), input_price_per_1k,"
+            " output_price_per_1k ORDER BY 1, 2, 3, 4",
             (user_id, start, end_exclusive))
-        return [{"model": r[0], "input_price_per_1k": r[1], "output_price_per_1k": r[2],
-                 "requests": int(r[3]), "input_tokens": int(r[4]), "output_tokens": int(r[5]),
-                 "input_micro": int(r[6]), "output_micro": int(r[7])} for r in rows]
+        return [{"model": r[0], "tier": r[1], "input_price_per_1k": r[2],
+                 "output_price_per_1k": r[3], "requests": int(r[4]),
+                 "input_tokens": int(r[5]), "output_tokens": int(r[6]),
+                 "input_micro": int(r[7]), "output_micro": int(r[8])} for r in rows]
 
     def users_billed(self, start: str, end_exclusive: str) -> List[str]:
         return [r[0] for r in self._query(

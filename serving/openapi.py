@@ -113,6 +113,9 @@ class CostOut(BaseModel):
     input: str = Field(..., description="decimal string, 6 places")
     output: str
     total: str
+    tier: Literal["standard", "long_context"] = Field(
+        ..., description="the price tier applied: long_context when the request has more "
+                         "input tokens than its model's long_context.above_input_tokens")
 
 
 class AnalyzeResponse(BaseModel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
@@ -21,18 +21,39 @@ class PricingError(ValueError):
     """The pricing file is missing, malformed, or has no price for a model."""
 
 
+STANDARD, LONG_CONTEXT = "standard", "long_context"
+TIERS = (STANDARD, LONG_CONTEXT)
+
+
 @dataclass(frozen=True)
 class Price:
     model: str
     currency: str
     input_per_1k: Decimal
     output_per_1k: Decimal
+    # The context-length tier: a request with more input tokens than `long_context_above` is
+    # priced, the whole request, at the long-context rates. None: one rate for every length.
+    long_context_above: Optional[int] = None
+    long_input_per_1k: Optional[Decimal] = None
+    long_output_per_1k: Optional[Decimal] = None
+
+    def tier(self, input_tokens: int) -> str:
+        above = self.long_context_above
+        return LONG_CONTEXT if above is not None and input_tokens > above else STANDARD
+
+    def rates(self, tier: str) -> Tuple[Decimal, Decimal]:
+        """(input, output) USD per 1K tokens of a tier."""
+        if tier == LONG_CONTEXT and self.long_input_per_1k is not None \
+                and self.long_output_per_1k is not None:
+            return self.long_input_per_1k, self.long_output_per_1k
+        return self.input_per_1k, self.output_per_1k
 
 
 @dataclass(frozen=True)
 class Cost:
     input_micro: int
     output_micro: int
+    tier: str = STANDARD
 
     @property
     def total_micro(self) -> int:
@@ -46,8 +67,12 @@ def side_cost_micro(tokens: int, price_per_1k: Decimal) -> int:
 
 
 def cost(price: Price, input_tokens: int, output_tokens: int) -> Cost:
-    return Cost(side_cost_micro(input_tokens, price.input_per_1k),
-                side_cost_micro(output_tokens, price.output_per_1k))
+    """What a request costs: its tier from its input tokens, then the rounding rule per side
+    at that tier's rates."""
+    tier = price.tier(input_tokens)
+    input_rate, output_rate = price.rates(tier)
+    return Cost(side_cost_micro(input_tokens, input_rate),
+                side_cost_micro(output_tokens, output_rate), tier)
 
 
 def micro_to_str(micro: int) -> str:
@@ -96,12 +121,28 @@ def load_prices(path: Path) -> Dict[str, Price]:
     for name, p in data["models"].items():
         if not isinstance(p, dict):
             raise PricingError(f"{path}: models.{name}: expected input_per_1k and output_per_1k")
+        where = f"{path}: models.{name}"
         prices[str(name)] = Price(
             model=str(name), currency=currency,
-            input_per_1k=_decimal(p.get("input_per_1k"), f"{path}: models.{name}.input_per_1k"),
-            output_per_1k=_decimal(p.get("output_per_1k"),
-                                   f"{path}: models.{name}.output_per_1k"))
+            input_per_1k=_decimal(p.get("input_per_1k"), f"{where}.input_per_1k"),
+            output_per_1k=_decimal(p.get("output_per_1k"), f"{where}.output_per_1k"),
+            **_long_context(p.get("long_context"), f"{where}.long_context"))
     return prices
+
+
+def _long_context(spec: Any, where: str) -> Dict[str, Any]:
+    """The optional context-length tier of one model's price."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise PricingError(f"{where}: expected above_input_tokens, input_per_1k, output_per_1k")
+    above = spec.get("above_input_tokens")
+    if not isinstance(above, int) or isinstance(above, bool) or above < 1:
+        raise PricingError(f"{where}.above_input_tokens: a whole number of tokens >= 1 "
+                           f"(got {above!r})")
+    return {"long_context_above": above,
+            "long_input_per_1k": _decimal(spec.get("input_per_1k"), f"{where}.input_per_1k"),
+            "long_output_per_1k": _decimal(spec.get("output_per_1k"), f"{where}.output_per_1k")}
 
 
 def monthly_minimum_micro(path: Path) -> int:

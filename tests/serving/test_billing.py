@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sqlite3
 import threading
 import time
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Iterator, List
@@ -449,3 +451,38 @@ def test_postgresql_backend_killed_or_row_locked_answers_503_then_recovers(
     assert set(led.event_ids()) == ids  # every answer billed once, no refusal billed
     led.stop()
     led.close()
+
+
+def test_the_context_length_tier_is_charged_stored_and_budgeted(billing, facts: ModelFacts):
+    """A request with more input tokens than the tier's edge is billed, whole, at the
+    long-context rates: the answer says so, the ledger row keeps those rates and the tier, and
+    the budget pre-check prices the worst case at them. At the edge itself: standard."""
+    text = "很好"
+    n = facts.input_tokens([text])
+    rates = (Decimal("0.010"), Decimal("0.030"))
+    base = billing.price
+    key, _ = create_key(billing.ledger, "lux")
+    seen = []
+    for above, tier in ((n, "standard"), (n - 1, "long_context")):
+        billing.price = replace(base, long_context_above=above, long_input_per_1k=rates[0],
+                                long_output_per_1k=rates[1])
+        out = json.loads(asyncio.run(billing.analyze(key, body(text))).body)
+        n_out = facts.output_tokens([out["results"][0]["label"]])
+        r_in, r_out = (base.input_per_1k, base.output_per_1k) if tier == "standard" else rates
+        want = facts.side_micro(n, r_in) + facts.side_micro(n_out, r_out)
+        assert out["cost"]["tier"] == tier
+        assert Decimal(out["cost"]["total"]) * 1_000_000 == want
+        seen.append((out["id"], tier, str(r_in), str(r_out), want))
+    with sqlite3.connect(billing.ledger.path) as db:  # type: ignore[attr-defined]
+        rows = db.execute("SELECT id, price_tier, input_price_per_1k, output_price_per_1k,"
+                          " cost_micro FROM billing_events ORDER BY ts").fetchall()
+    assert [tuple(r) for r in rows] == seen
+    # A key whose budget fits the standard worst case but not the long-context one is refused
+    # before the model runs.
+    worst_standard = facts.side_micro(n, base.input_per_1k) + facts.side_micro(
+        facts.max_output_tokens, base.output_per_1k)
+    tight, _ = create_key(billing.ledger, "mia", budget_micro_usd=worst_standard)
+    r, calls = refusal_and_model_calls(billing, billing.analyze(tight, body(text)))
+    assert (r.code, calls) == ("insufficient_quota", [])
+    billing.price = base
+    assert not asyncio.run(billing.analyze(tight, body(text))).replayed  # standard: it fits

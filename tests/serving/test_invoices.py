@@ -254,3 +254,24 @@ def test_the_pdf_invoice_prints_the_same_bill(month, tmp_path):
     img = matplotlib.image.imread(str(tmp_path / "page.png"))
     dark = (img[..., :3].mean(axis=2) < 0.5).mean()
     assert 0.002 < dark < 0.5, dark  # a printed page, not a blank one
+
+
+def test_a_long_context_request_is_its_own_line_and_tier(month):
+    led, _, events = month
+    key = create_key(led, "umbrella")[0]
+    plain = event(key, f"{PERIOD}-03T10:00:00Z", "sentiment", 40, 2)
+    long = event(key, f"{PERIOD}-04T10:00:00Z", "sentiment", 900, 2)
+    long.input_price_per_1k, long.output_price_per_1k = "0.003", "0.003"  # the tier's rates
+    long.input_cost_micro, long.output_cost_micro = micro(900, "0.003"), micro(2, "0.003")
+    long.cost_micro, long.price_tier = long.input_cost_micro + long.output_cost_micro, \
+        "long_context"
+    for e in (plain, long):
+        assert led.commit_event(e).result(timeout=30).status == "billed"
+    doc = issue(led, "umbrella", PERIOD, now=NOW).document
+    assert doc["tiers_applied"] == ["long_context", "standard"]
+    assert [(ln["tier"], ln["input_price_per_1k"], ln["input_tokens"], ln["amount"])
+            for ln in doc["lines"]] == [
+        ("long_context", "0.003", 900, usd(long.cost_micro)),
+        ("standard", "0.002", 40, usd(plain.cost_micro))]
+    assert doc["total"] == usd(plain.cost_micro + long.cost_micro)
+    assert "(long context)" in to_html(doc) and ",long_context," in to_csv(doc)

@@ -103,3 +103,50 @@ def test_non_finite_amounts_and_prices_are_refused(value, tmp_path):
     f.write_text(f"models:\n  m: {{input_per_1k: '{value}', output_per_1k: '1'}}\n")
     with pytest.raises(pricing.PricingError, match="finite"):
         pricing.load_prices(f)
+
+
+LONG = ("currency: USD\nmodels:\n  m:\n    input_per_1k: '0.002'\n    output_per_1k: '0.004'\n"
+        "    long_context:\n      above_input_tokens: 100\n      input_per_1k: '0.003'\n"
+        "      output_per_1k: '0.006'\n")
+
+
+# Amounts by hand, at the tier edge (above_input_tokens: 100):
+#   100 in at 0.002/1K = 0.000200 -> 200 micro; 7 out at 0.004/1K = 0.000028 -> 28 micro
+#   101 in at 0.003/1K = 0.000303 -> 303 micro; 7 out at 0.006/1K = 0.000042 -> 42 micro
+#   the whole request moves to the long-context rates, its output included
+#   1 in at 0.002/1K = 0.000002 -> 2; 1 out at 0.004/1K = 0.000004 -> 4
+#   333 in at 0.003/1K = 0.000999 -> 999; 83 out at 0.006/1K = 0.000498 -> 498
+#   250 in at 0.003/1K = 0.00075 -> 750; 1 out at 0.006/1K = 0.000006 -> 6
+@pytest.mark.parametrize("n_in, n_out, tier, in_micro, out_micro", [
+    (100, 7, "standard", 200, 28),
+    (101, 7, "long_context", 303, 42),
+    (1, 1, "standard", 2, 4),
+    (333, 83, "long_context", 999, 498),
+    (250, 1, "long_context", 750, 6),
+])
+def test_the_context_length_tier_prices_the_whole_request(tmp_path, n_in, n_out, tier,
+                                                          in_micro, out_micro):
+    f = tmp_path / "p.yaml"
+    f.write_text(LONG)
+    c = pricing.cost(pricing.price_for(f, "m"), n_in, n_out)
+    assert (c.tier, c.input_micro, c.output_micro) == (tier, in_micro, out_micro)
+
+
+def test_a_price_file_without_tiers_prices_every_length_alike(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("models:\n  m: {input_per_1k: '0.002', output_per_1k: '0.004'}\n")
+    assert pricing.cost(pricing.price_for(f, "m"), 10_000, 1) == pricing.Cost(20_000, 4)
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("above_input_tokens: 0, input_per_1k: '1', output_per_1k: '1'", "above_input_tokens"),
+    ("above_input_tokens: '5', input_per_1k: '1', output_per_1k: '1'", "above_input_tokens"),
+    ("above_input_tokens: 5, input_per_1k: 0.003, output_per_1k: '1'", "quoted strings"),
+    ("above_input_tokens: 5, output_per_1k: '1'", "long_context.input_per_1k"),
+])
+def test_a_malformed_tier_is_refused_with_what_to_fix(tmp_path, spec, says):
+    f = tmp_path / "p.yaml"
+    f.write_text(f"models:\n  m:\n    input_per_1k: '1'\n    output_per_1k: '1'\n"
+                 f"    long_context: {{{spec}}}\n")
+    with pytest.raises(pricing.PricingError, match=says):
+        pricing.load_prices(f)
