@@ -31,7 +31,10 @@ PRIVSEP_DIR = Path("/run/sshd")
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: sshd must run as root "
-                                                           "to switch to the login user")]
+                                                           "to switch to the login user"),
+              pytest.mark.skipif(not Path(NSS_WRAPPER).is_file(),
+                                 reason=f"{NSS_WRAPPER} missing (Debian package "
+                                        "`libnss-wrapper`)")]
 
 
 def derived_config(port: int, state: Path) -> str:
@@ -83,8 +86,6 @@ def sshd_server(request):
     sshd = need_binary("sshd", "openssh-server", "/usr/sbin/sshd")
     need_binary("ssh", "openssh-client")
     need_binary("ssh-keygen", "openssh-client")
-    if not Path(NSS_WRAPPER).is_file():
-        pytest.skip(f"{NSS_WRAPPER} missing (Debian package `libnss-wrapper`)")
     # Homes must be reachable by the login user: not under pytest's 0700 temp folder.
     base = Path(tempfile.mkdtemp(prefix="tm-sshd-"))
     base.chmod(0o755)
