@@ -241,11 +241,11 @@ async def usage_report(key: CallerKey, billing: BillingDep,
     if format not in ("json", "csv"):
         raise invalid("invalid_format", "format must be json or csv")
     rows = await billing.usage_report(key, group_by, granularity, start or None, end or None)
-    names = {"user": ["user"], "key": ["key_id", "user"], "model": ["model"]}[group_by]
     return report_response({"group_by": group_by, "granularity": granularity,
                             "start": start or "", "end": end or "",
                             "currency": billing.price.currency}, rows,
-                           ["period", *names, *REPORT_COLUMNS], format)
+                           ["period", *reports.GROUP_COLUMNS[group_by], *REPORT_COLUMNS],
+                           format)
 
 
 async def top_users(key: CallerKey, billing: BillingDep,

@@ -38,7 +38,6 @@ from anyio import to_thread
 from serving import pricing, reports
 from serving.cache import TtlCache
 from serving.errors import first_line
-from serving.invoices import month_bounds
 from serving.keys import AuthError, bearer_token, check_record, hash_key
 from serving.ledger import (
     BillingEvent,
@@ -48,6 +47,7 @@ from serving.ledger import (
     LedgerError,
     OutcomeUnknown,
     day_range,
+    month_bounds,
     now_iso,
     period_of,
 )

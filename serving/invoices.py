@@ -24,9 +24,9 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-from serving.ledger import Ledger, now_iso
+from serving.ledger import Ledger, month_bounds, now_iso
 from serving.pricing import micro_to_str
 
 # A request stamped at 23:59:59 commits up to BILLING_DEADLINE_S later: a month is closed, and
@@ -37,7 +37,8 @@ ROUNDING = ("each request's input and output cost is tokens x price / 1000, roun
 
 
 class InvoiceError(ValueError):
-    """A period or request an invoice cannot be made for; the message says what to do."""
+    """A request an invoice cannot be made for (a month not closed yet); the message says what
+    to do. A malformed period is ledger.month_bounds's ValueError."""
 
 
 @dataclass(frozen=True)
@@ -49,18 +50,6 @@ class Issued:
     @property
     def document(self) -> Dict[str, Any]:
         return json.loads(self.body)
-
-
-def month_bounds(period: str) -> Tuple[datetime, datetime]:
-    """[first instant, first instant of the next month) of a `YYYY-MM` period, UTC."""
-    try:
-        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=timezone.utc)
-    except ValueError:
-        raise InvoiceError(f"period must be YYYY-MM, e.g. 2026-11: {period!r}") from None
-    if len(period) != 7:
-        raise InvoiceError(f"period must be YYYY-MM, e.g. 2026-11: {period!r}")
-    end = (start + timedelta(days=32)).replace(day=1)
-    return start, end
 
 
 def closes_at(period: str) -> datetime:

@@ -914,3 +914,14 @@ def day_range(start: Optional[str], end: Optional[str]) -> Tuple[str, str]:
         raise ValueError(f"end must be before {date.max.isoformat()}")
     return s.isoformat(), (e + timedelta(days=1)).isoformat()
 
+
+def month_bounds(period: str) -> Tuple[datetime, datetime]:
+    """[first instant, first instant of the next month) of a `YYYY-MM` period, UTC."""
+    try:
+        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise ValueError(f"period must be YYYY-MM, e.g. 2026-11: {period!r}") from None
+    if len(period) != 7:
+        raise ValueError(f"period must be YYYY-MM, e.g. 2026-11: {period!r}")
+    end = (start + timedelta(days=32)).replace(day=1)
+    return start, end

@@ -14,6 +14,8 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 from serving.pricing import micro_to_str
 
 GROUPS = ("user", "key", "model")
+# The columns naming a group in a report row (a key row also names its user).
+GROUP_COLUMNS = {"user": ["user"], "key": ["key_id", "user"], "model": ["model"]}
 GRANULARITIES = ("day", "month")
 FIELDS = ("requests", "input_tokens", "output_tokens", "cost_micro")
 
@@ -31,8 +33,8 @@ def aggregate(rows: Iterable[Dict[str, Any]], group_by: str, granularity: str
         for f in FIELDS:
             acc[f] += int(r[f])
     out = []
+    names = GROUP_COLUMNS[group_by]
     for k in sorted(sums):
-        names = {"user": ["user"], "key": ["key_id", "user"], "model": ["model"]}[group_by]
         row: Dict[str, Any] = {"period": k[0], **dict(zip(names, k[1:])), **sums[k]}
         out.append(row)
     return out

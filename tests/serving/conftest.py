@@ -181,6 +181,25 @@ class ModelFacts:
         return text
 
 
+def priced_event(key, ts: str, model: str, n_in: int, n_out: int, p_in: str, p_out: str,
+                 instance_id: str = "test"):
+    """A billing row as the endpoint would write it for `key` at `ts`, its amounts by the
+    README's rounding rule computed here (ModelFacts.side_micro), not by serving.pricing."""
+    import uuid
+
+    from serving.ledger import BillingEvent
+
+    c_in = ModelFacts.side_micro(n_in, Decimal(p_in))
+    c_out = ModelFacts.side_micro(n_out, Decimal(p_out))
+    eid = "evt_" + uuid.uuid4().hex
+    return BillingEvent(id=eid, ts=ts, key_id=key.id, user_id=key.user_id, model=model,
+                        model_version="1", input_tokens=n_in, output_tokens=n_out,
+                        currency="USD", input_price_per_1k=p_in, output_price_per_1k=p_out,
+                        input_cost_micro=c_in, output_cost_micro=c_out,
+                        cost_micro=c_in + c_out, latency_us=1000, request_id=eid,
+                        instance_id=instance_id, idempotency_key=None, response="{}")
+
+
 # Short texts of both sentiments, for priciest_text() to choose from.
 CANDIDATES = ["好", "差", "很好", "很差", "好评", "差评", "非常满意", "太差了，退货"]
 

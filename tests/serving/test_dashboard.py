@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -42,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.benchmark.process import HOST, Process, ProcessError, free_port
 from serving.keys import create_key
 from serving.ledger import BillingEvent, Ledger, open_ledger
-from tests.serving.conftest import ROOT, ModelFacts, Server, make_key
+from tests.serving.conftest import ROOT, Server, make_key, priced_event
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "tokenmeter.json"
@@ -450,16 +449,8 @@ MODELS = {"sentiment": ("0.002", "0.002"), "sentiment-large": ("0.010", "0.030")
 
 
 def billing_event(key, ts: str, model: str, n_in: int, n_out: int) -> BillingEvent:
-    p_in, p_out = MODELS[model]
-    c_in = ModelFacts.side_micro(n_in, Decimal(p_in))
-    c_out = ModelFacts.side_micro(n_out, Decimal(p_out))
-    eid = "evt_" + uuid.uuid4().hex
-    return BillingEvent(id=eid, ts=ts, key_id=key.id, user_id=key.user_id, model=model,
-                        model_version="1", input_tokens=n_in, output_tokens=n_out,
-                        currency="USD", input_price_per_1k=p_in, output_price_per_1k=p_out,
-                        input_cost_micro=c_in, output_cost_micro=c_out,
-                        cost_micro=c_in + c_out, latency_us=1000, request_id=eid,
-                        instance_id="dashboard-test", idempotency_key=None, response="{}")
+    return priced_event(key, ts, model, n_in, n_out, *MODELS[model],
+                        instance_id="dashboard-test")
 
 
 def write_month(led: Ledger) -> List[BillingEvent]:
