@@ -34,6 +34,7 @@ from serving.metering import Meter
 from serving.metrics import Metrics
 from serving.openapi import (
     ANALYZE_RESPONSES,
+    PRIORITY_HEADER,
     REPORT_RESPONSES,
     STRING,
     TOP_RESPONSES,
@@ -45,6 +46,7 @@ from serving.openapi import (
     analyze_request_schema,
     bearer,
     blank_ranges,
+    priority_parameter,
     text_pattern,
 )
 from serving.runner import ModelRunner
@@ -180,13 +182,26 @@ async def request_body(request: Request, billing: BillingDep) -> bytes:
 RequestBody = Annotated[bytes, Depends(request_body)]
 
 
+def parse_priority(value: Optional[str]) -> bool:
+    """The Tokenmeter-Priority header: `high` asks for the priority tier; absent or `standard`
+    does not. Anything else is a 400 naming the two values."""
+    if value is None or value.strip().lower() == "standard":
+        return False
+    if value.strip().lower() == "high":
+        return True
+    raise invalid("invalid_priority", f"{PRIORITY_HEADER} must be `standard` or `high`")
+
+
 # --- routes (registered per app by `routes`: the document depends on settings and model) ---
 async def analyze(request: Request, key: MeteredKey, body: RequestBody, billing: BillingDep,
                   x_request_id: Annotated[Optional[str], Header(
                       description="Stored with the billing row (first 100 characters).")] = None
                   ) -> Response:
-    idempotency_key = request.headers.get("idempotency-key")  # documented in `routes`
-    return answer_response(await billing.analyze(key, body, idempotency_key, x_request_id))
+    # Both documented in `routes` (their schemas depend on settings and the price file).
+    idempotency_key = request.headers.get("idempotency-key")
+    priority = parse_priority(request.headers.get(PRIORITY_HEADER))
+    return answer_response(await billing.analyze(key, body, idempotency_key, x_request_id,
+                                                 priority))
 
 
 # A date parameter of /v1/usage: YYYY-MM-DD, or empty for the default (Billing.usage treats
@@ -290,10 +305,11 @@ async def readyz(request: Request) -> JSONResponse:
                         status_code=200 if ready else 503)
 
 
-def routes(settings: Settings, metered: bool, meter: Meter) -> APIRouter:
+def routes(settings: Settings, metered: bool, meter: Meter, price: pricing.Price) -> APIRouter:
     """The routes, documented as this app answers them: the body's maxItems and the
     Idempotency-Key's length come from `settings`, what makes a text from the model's tokenizer
-    (`meter`); without metering /v1/analyze asks no key."""
+    (`meter`), whether priority can be asked for from the `price`; without metering
+    /v1/analyze asks no key."""
     r = APIRouter()
     # Read by `analyze` from the request itself, so that its schema can carry this app's
     # max_idempotency_key_len; Billing checks it (code invalid_idempotency_key).
@@ -313,7 +329,7 @@ def routes(settings: Settings, metered: bool, meter: Meter) -> APIRouter:
         openapi_extra={"requestBody": {"required": True, "content": {
             JSON: {"schema": analyze_request_schema(
                 settings.max_texts, text_pattern(blank_ranges(meter.tokenizer.to_str())))}}},
-            "parameters": [idempotency]})
+            "parameters": [idempotency, priority_parameter(price.has_priority)]})
     r.add_api_route("/v1/usage", usage, methods=["GET"], response_model=None,
                     responses=USAGE_RESPONSES, dependencies=auth)
     r.add_api_route("/v1/reports/usage", usage_report, methods=["GET"], response_model=None,
@@ -394,5 +410,5 @@ def create_app(c: Components) -> FastAPI:
                                "internal error; the request was not billed")
 
     app.add_middleware(CountRequests, metrics=metrics)
-    app.include_router(routes(c.settings, billing.metered, c.meter))
+    app.include_router(routes(c.settings, billing.metered, c.meter, c.price))
     return app

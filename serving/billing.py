@@ -46,6 +46,7 @@ from serving.ledger import (
     LedgerBusy,
     LedgerError,
     OutcomeUnknown,
+    Reprice,
     day_range,
     month_bounds,
     now_iso,
@@ -91,10 +92,12 @@ def reused_key_refusal() -> Refused:
                    "new key for a new request (nothing was billed)")
 
 
-def request_hash(texts: Sequence[str], truncate: bool, model: str, version: str) -> str:
-    """What a request asks, as a hash: the same Idempotency-Key may only repeat it."""
-    canonical = json.dumps([model, version, truncate, list(texts)], ensure_ascii=False,
-                           separators=(",", ":"))
+def request_hash(texts: Sequence[str], truncate: bool, model: str, version: str,
+                 priority: bool = False) -> str:
+    """What a request asks, as a hash: the same Idempotency-Key may only repeat it. Priority
+    is part of it (it changes the price); a standard request hashes as it always did."""
+    asked: List[Any] = [model, version, truncate, list(texts)] + (["priority"] if priority else [])
+    canonical = json.dumps(asked, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -124,7 +127,7 @@ class Runner(Protocol):
 
     info: ModelInfo
 
-    def submit(self, rows: List[List[int]]) -> Future: ...
+    def submit(self, rows: List[List[int]], priority: bool = False) -> Future: ...
 
     def depth(self) -> int: ...
 
@@ -272,16 +275,21 @@ class Billing:
         if refusal is not None:
             raise Refused("rate_limit", refusal.code, refusal.message, refusal.retry_after_s)
 
-    async def reserve(self, key: KeyRecord, metered: Metered, ts: str) -> None:
+    async def reserve(self, key: KeyRecord, metered: Metered, ts: str,
+                      priority: bool = False) -> None:
         """Cheap refusal before using the model when the worst case cannot fit the budgets,
         from spend read at most key_cache_s ago; the authority is the conditional update in
         `commit`, so a stale figure can cost a model call, never an overspend."""
         if not key.has_budget:
             return
         max_out = self.max_output_tokens(len(metered.ids))
-        worst = (pricing.cost(self.price, metered.input_tokens, max_out).total_micro,
+        key_spent, user_spent = await self.month_spend(key, period_of(ts))
+        # Volume tiers priced from the cached month: a stale (lower) figure prices at a tier
+        # at or below the one the commit will use, as tiers are read in ascending tokens.
+        worst = (pricing.cost(self.price, metered.input_tokens, max_out, user_spent[1],
+                              priority).total_micro,
                  metered.input_tokens + max_out)
-        if not budget_fits(key, *await self.month_spend(key, period_of(ts)), worst):
+        if not budget_fits(key, key_spent, user_spent, worst):
             raise quota_refusal()
 
     async def month_spend(self, key: KeyRecord, period: str) -> Tuple[Spend, Spend]:
@@ -298,10 +306,12 @@ class Billing:
     def _read_spend(self, key: KeyRecord, period: str) -> Tuple[Spend, Spend]:
         return self.ledger.spent(key.id, period), self.ledger.user_spent(key.user_id, period)
 
-    async def run(self, metered: Metered) -> Tuple[List[int], np.ndarray]:
-        """Label ids and class probabilities, one row per text."""
+    async def run(self, metered: Metered, priority: bool = False
+                  ) -> Tuple[List[int], np.ndarray]:
+        """Label ids and class probabilities, one row per text; a priority request goes ahead
+        of the standard ones queued for the model."""
         try:
-            future = self.runner.submit(metered.ids)
+            future = self.runner.submit(metered.ids, priority)
         except Overloaded:
             raise Refused("overloaded", "overloaded", "the model is overloaded; retry later",
                           retry_after_s=1) from None
@@ -334,14 +344,17 @@ class Billing:
         }
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
-    async def commit(self, event: BillingEvent, key: KeyRecord) -> Answer:
+    async def commit(self, event: BillingEvent, key: KeyRecord,
+                     reprice: Optional[Reprice] = None) -> Tuple[Answer, BillingEvent]:
         """The billing row, durable before the answer leaves: a 200 the client sees is on disk.
-        A concurrent retry with the same idempotency key gets the first answer."""
+        A concurrent retry with the same idempotency key gets the first answer. With `reprice`
+        the writer prices the row (volume tiers); the row as written comes back with the
+        answer."""
         try:
             # Shielded: a request that times out here leaves its row to the writer, which
             # settles it either way; only the wait is bounded.
             result = await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(self.ledger.commit_event(event))),
+                asyncio.shield(asyncio.wrap_future(self.ledger.commit_event(event, reprice))),
                 self.settings.billing_deadline_s)
         except asyncio.TimeoutError:
             log.warning("billing row %s not confirmed within %s s", event.id,
@@ -360,27 +373,36 @@ class Billing:
                           "unavailable; retry later (nothing was billed)",
                           retry_after_s=1) from None
         if result.status == "duplicate":  # a concurrent request with the same key won
-            return replay(result.response, result.request_hash, event.request_hash or "")
+            return replay(result.response, result.request_hash, event.request_hash or ""), event
         if result.status == "insufficient_quota":
             raise quota_refusal()
+        event = result.event or event
         if key.has_budget:  # what this process billed, until the cached figures expire
             period, add = period_of(event.ts), (event.cost_micro,
                                                 event.input_tokens + event.output_tokens)
             for owner in (("key", key.id, period), ("user", key.user_id, period)):
                 self.spend.update(owner, lambda v: (v[0] + add[0], v[1] + add[1]))
-        return Answer(event.response, fingerprint=event.request_hash)
+        return Answer(event.response, fingerprint=event.request_hash), event
 
     # --- the whole flow -----------------------------------------------------------------------
+    def check_priority(self, priority: bool) -> None:
+        if priority and not self.price.has_priority:
+            raise invalid("priority_unavailable",
+                          f"model {self.info.name!r} has no priority tier; send the request "
+                          f"without the priority header")
+
     async def analyze(self, key: Optional[KeyRecord], raw: bytes,
                       idempotency_key: Optional[str] = None,
-                      request_id: Optional[str] = None) -> Answer:
-        """A billed answer for one request body, or Refused. `key` is None only unmetered."""
+                      request_id: Optional[str] = None, priority: bool = False) -> Answer:
+        """A billed answer for one request body, or Refused. `key` is None only unmetered;
+        `priority`: the request asked for the priority tier (it goes first, at a surcharge)."""
         t0 = time.perf_counter()
         texts, truncate = self.parse(raw)
+        self.check_priority(priority)
         if key is None or idempotency_key is None:
-            return await self.bill(t0, key, texts, truncate, None, None, request_id)
+            return await self.bill(t0, key, texts, truncate, None, None, request_id, priority)
         self.check_idempotency_key(idempotency_key)
-        fingerprint = request_hash(texts, truncate, self.info.name, self.info.version)
+        fingerprint = request_hash(texts, truncate, self.info.name, self.info.version, priority)
         slot = (key.id, idempotency_key)
         while slot in self.inflight:  # a duplicate of a request still being answered
             try:
@@ -392,7 +414,7 @@ class Billing:
         self.inflight[slot] = mine
         try:
             answer = await self._bill_once(t0, key, texts, truncate, idempotency_key,
-                                           fingerprint, request_id)
+                                           fingerprint, request_id, priority)
             mine.set_result(answer)
             return answer
         except BaseException as exc:
@@ -404,33 +426,47 @@ class Billing:
             del self.inflight[slot]
 
     async def _bill_once(self, t0: float, key: KeyRecord, texts: List[str], truncate: bool,
-                         idem: str, fingerprint: str, request_id: Optional[str]) -> Answer:
+                         idem: str, fingerprint: str, request_id: Optional[str],
+                         priority: bool) -> Answer:
         """The first answer billed under this Idempotency-Key (a replay), or a new one."""
         prior = await self.read(self.ledger.find_idempotent, key.id, idem)
         if prior is not None:
             return replay(prior[0], prior[1], fingerprint)
-        return await self.bill(t0, key, texts, truncate, idem, fingerprint, request_id)
+        return await self.bill(t0, key, texts, truncate, idem, fingerprint, request_id,
+                               priority)
 
     async def bill(self, t0: float, key: Optional[KeyRecord], texts: List[str], truncate: bool,
                    idem: Optional[str], fingerprint: Optional[str],
-                   request_id: Optional[str]) -> Answer:
+                   request_id: Optional[str], priority: bool = False) -> Answer:
         """Meter, limit, reserve, run, price and commit: a new billed answer."""
         metered = self.meter_texts(texts, truncate)
         ts = now_iso()
         if key is not None:
             self.limit(key, metered)
-            await self.reserve(key, metered, ts)
-        label_ids, probs = await self.run(metered)
+            await self.reserve(key, metered, ts, priority)
+        label_ids, probs = await self.run(metered, priority)
         output_tokens = self.meter.output_tokens(label_ids)
-        cost = pricing.cost(self.price, metered.input_tokens, output_tokens)
         event_id = "evt_" + uuid.uuid4().hex
-        body = self.answer(event_id, label_ids, probs, metered.input_tokens, output_tokens, cost)
-        if key is None:
-            return Answer(body)
+        if key is None:  # unmetered: nobody's month, so the first volume tier
+            cost = pricing.cost(self.price, metered.input_tokens, output_tokens, 0, priority)
+            return Answer(self.answer(event_id, label_ids, probs, metered.input_tokens,
+                                      output_tokens, cost))
         latency_us = int((time.perf_counter() - t0) * 1e6)
-        event = self.event(event_id, ts, key, metered.input_tokens, output_tokens, cost,
-                           latency_us, (request_id or event_id)[:100], idem, body, fingerprint)
-        answer = await self.commit(event, key)
+
+        def priced(month_tokens: int) -> BillingEvent:
+            """The row and its answer, priced with the user's tokens earlier this month."""
+            cost = pricing.cost(self.price, metered.input_tokens, output_tokens, month_tokens,
+                                priority)
+            body = self.answer(event_id, label_ids, probs, metered.input_tokens,
+                               output_tokens, cost)
+            return self.event(event_id, ts, key, metered.input_tokens, output_tokens, cost,
+                              latency_us, (request_id or event_id)[:100], idem, body,
+                              fingerprint)
+
+        # Without volume tiers the month does not matter: priced here, off the writer thread.
+        # With them, the writer prices it under the user's spend-row lock (ledger.Reprice).
+        by_volume = self.price.by_volume
+        answer, event = await self.commit(priced(0), key, priced if by_volume else None)
         if not answer.replayed:
             self.record(event, metered.truncated)
         return answer
@@ -440,7 +476,7 @@ class Billing:
               idem: Optional[str], body: str,
               request_hash: Optional[str] = None) -> BillingEvent:
         info, price = self.info, self.price
-        input_rate, output_rate = price.rates(cost.tier)  # the tier's: what was charged
+        input_rate, output_rate = cost.input_per_1k, cost.output_per_1k  # what was charged
         return BillingEvent(
             id=event_id, ts=ts, key_id=key.id, user_id=key.user_id, model=info.name,
             model_version=info.version, input_tokens=input_tokens, output_tokens=output_tokens,

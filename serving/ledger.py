@@ -18,7 +18,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+)
 
 from tenacity import (
     Retrying,
@@ -237,6 +248,12 @@ class CommitResult:
     status: str  # "billed" | "duplicate" | "insufficient_quota"
     response: Optional[str] = None  # the first answer, for "duplicate"
     request_hash: Optional[str] = None  # the first request's, for "duplicate"
+    event: Optional[BillingEvent] = None  # the row as written, for "billed"
+
+
+# The event of a request priced in the writer's transaction, given the tokens its user was
+# billed earlier in its month (volume tiers: serving.pricing).
+Reprice = Callable[[int], BillingEvent]
 
 
 def now_iso(t: Optional[datetime] = None) -> str:
@@ -253,6 +270,7 @@ def period_of(ts: str) -> str:
 class _Pending:
     event: BillingEvent
     future: Future
+    reprice: Optional[Reprice] = None
     result: Optional[CommitResult] = None
     error: Optional[Exception] = None
 
@@ -263,6 +281,10 @@ class Ledger:
     placeholder = "?"
     integrity_errors: Tuple[Type[Exception], ...] = (sqlite3.IntegrityError,)
     kind = "sqlite"
+    # A user's tokens this month, read to price a request by volume. SQLite's writer holds the
+    # database's write lock (BEGIN IMMEDIATE); PostgreSQL locks the row (another process may
+    # be pricing the same user).
+    month_tokens_sql = "SELECT tokens FROM user_spend WHERE user_id = ? AND period = ?"
 
     def __init__(self, commit_wait_s: float = 0.0, commit_max_batch: int = 256,
                  max_pending: int = 10_000, idempotency_retention_s: float = 86_400,
@@ -474,17 +496,20 @@ class Ledger:
         """Whether the writer thread runs (started and not dead): /readyz reports it."""
         return self._writer is not None and self._writer.is_alive()
 
-    def commit_event(self, event: BillingEvent) -> Future:
+    def commit_event(self, event: BillingEvent, reprice: Optional[Reprice] = None) -> Future:
         """Queue a billing row; the future resolves to a CommitResult once it is durable.
 
         It is billed only if it fits the key's and the user's budgets for its month, as the
-        database holds them at commit (read there, never from a possibly cached key record)."""
+        database holds them at commit (read there, never from a possibly cached key record).
+        With `reprice`, the row written is `reprice(tokens its user was billed earlier in the
+        month)`, read under the user's spend-row lock in the same transaction: concurrent
+        requests of one user are priced one after the other, never both from the same figure."""
         if not self.writer_alive():  # nobody would ever resolve the future
             raise LedgerError("the ledger writer is not running")
         if self._queue.qsize() >= self.max_pending:
             raise LedgerBusy(f"{self.max_pending} billing rows are already waiting")
         fut: Future = Future()
-        self._queue.put(_Pending(event, fut))
+        self._queue.put(_Pending(event, fut, reprice))
         return fut
 
     def _apply(self, conn, p: _Pending, cutoff: str) -> CommitResult:
@@ -496,6 +521,10 @@ class Ledger:
                 return CommitResult("duplicate", rows[0][0], rows[0][1])
             self._exec(conn, RELEASE_IDEMPOTENT, (e.key_id, e.idempotency_key, cutoff))
         period = period_of(e.ts)
+        if p.reprice is not None:
+            self._exec(conn, ENSURE_USER_SPEND, (e.user_id, period))
+            row = self._exec(conn, self.month_tokens_sql, (e.user_id, period)).fetchone()
+            e = p.event = p.reprice(int(row[0]))
         tokens = e.input_tokens + e.output_tokens
 
         def spend(ensure: str, update: str, owner: str) -> bool:
@@ -512,7 +541,7 @@ class Ledger:
         if not spend(ENSURE_SPEND, SPEND, e.key_id):
             return CommitResult("insufficient_quota")
         self._exec(conn, INSERT_EVENT, e.columns())
-        return CommitResult("billed")
+        return CommitResult("billed", event=e)
 
     def _apply_guarded(self, conn, p: _Pending, cutoff: str) -> None:
         self._exec(conn, "SAVEPOINT ev")
@@ -793,6 +822,7 @@ class SQLiteLedger(Ledger):
 class PostgresLedger(Ledger):
     kind = "postgresql"
     placeholder = "%s"
+    month_tokens_sql = Ledger.month_tokens_sql + " FOR UPDATE"
 
     def __init__(self, dsn: str, statement_timeout_ms: int = 10_000,
                  lock_timeout_ms: int = 5_000, pool_size: int = 8, **kw):

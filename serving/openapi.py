@@ -113,9 +113,12 @@ class CostOut(BaseModel):
     input: str = Field(..., description="decimal string, 6 places")
     output: str
     total: str
-    tier: Literal["standard", "long_context"] = Field(
-        ..., description="the price tier applied: long_context when the request has more "
-                         "input tokens than its model's long_context.above_input_tokens")
+    tier: str = Field(
+        ..., pattern=r"^[a-z0-9_]+(\+priority)?$",
+        description="the price tier applied: `long_context` when the request has more input "
+                    "tokens than its model's long_context.above_input_tokens, else a volume "
+                    "tier's name when the user's tokens this month reached it, else "
+                    "`standard`; `+priority` when it was sent with `Tokenmeter-Priority: high`")
 
 
 class AnalyzeResponse(BaseModel):
@@ -201,6 +204,20 @@ _UNAUTHENTICATED = ("missing_api_key, invalid_api_key or revoked_api_key "
 _ALWAYS_BEARER = {401: {"WWW-Authenticate": {**STRING, "required": True}}}
 _ALWAYS_RETRY = {503: {"Retry-After": {**_RETRY_AFTER, "required": True}}}
 
+PRIORITY_HEADER = "Tokenmeter-Priority"
+
+
+def priority_parameter(available: bool) -> Dict[str, Any]:
+    """The priority header of /v1/analyze: `high` only where the price file has a priority
+    tier for the model (elsewhere it is a 400 priority_unavailable)."""
+    return {"name": PRIORITY_HEADER, "in": "header", "required": False,
+            "description": "`high`: the request goes ahead of standard ones in the model queue "
+                           "and is priced with the priority surcharge (the answer's cost.tier "
+                           "ends in `+priority`); `standard` or absent: neither.",
+            "schema": {"type": "string",
+                       "enum": ["standard", "high"] if available else ["standard"]}}
+
+
 ANALYZE_RESPONSES: Responses = {
     200: {"description": "the answer, billed; `Idempotent-Replayed: true` on a replay of an "
                          "earlier answer (not billed again)",
@@ -216,7 +233,8 @@ ANALYZE_RESPONSES: Responses = {
     **_errors({
         400: "invalid_json, invalid_body, missing_text, empty_text, invalid_text, "
              "invalid_texts, too_many_texts, body_too_large, ambiguous_input, unknown_field, "
-             "invalid_truncate, invalid_idempotency_key, invalid_content_length",
+             "invalid_truncate, invalid_idempotency_key, invalid_content_length, "
+             "invalid_priority, priority_unavailable (this model has no priority tier)",
         401: _UNAUTHENTICATED,
         409: "idempotency_key_reused: the Idempotency-Key was used for another request",
         413: "input_too_long: a text longer than the model's maximum tokens (without truncate)",

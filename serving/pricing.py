@@ -6,10 +6,11 @@ This module knows nothing about requests, keys or the ledger.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -21,12 +22,34 @@ class PricingError(ValueError):
     """The pricing file is missing, malformed, or has no price for a model."""
 
 
-STANDARD, LONG_CONTEXT = "standard", "long_context"
-TIERS = (STANDARD, LONG_CONTEXT)
+STANDARD, LONG_CONTEXT, PRIORITY = "standard", "long_context", "priority"
+# Tier names a price file may not give a volume tier: they already mean something.
+RESERVED_TIERS = (STANDARD, LONG_CONTEXT, PRIORITY)
+
+
+@dataclass(frozen=True)
+class VolumeTier:
+    """Rates for a user's tokens past `from_tokens` in a month (all keys, all models)."""
+
+    name: str
+    from_tokens: int
+    input_per_1k: Decimal
+    output_per_1k: Decimal
 
 
 @dataclass(frozen=True)
 class Price:
+    """One model's price. The tier of a request, in order:
+
+    1. context length: more input tokens than `long_context_above` -> the long-context rates,
+       for the whole request (volume tiers do not apply to it);
+    2. else volume: the user's tokens billed earlier in the month pick the last volume tier
+       whose `from_tokens` they have reached (graduated by request: the whole request is priced
+       at that tier; the request that crosses an edge is the last one below it);
+    3. else the standard rates;
+    then the priority surcharge is added to both rates when the request asked for priority.
+    """
+
     model: str
     currency: str
     input_per_1k: Decimal
@@ -36,17 +59,31 @@ class Price:
     long_context_above: Optional[int] = None
     long_input_per_1k: Optional[Decimal] = None
     long_output_per_1k: Optional[Decimal] = None
+    volume_tiers: Tuple[VolumeTier, ...] = ()  # ascending from_tokens
+    # Added to both rates of a request sent with priority; None: this model has no priority.
+    priority_input_per_1k: Optional[Decimal] = None
+    priority_output_per_1k: Optional[Decimal] = None
 
-    def tier(self, input_tokens: int) -> str:
+    @property
+    def has_priority(self) -> bool:
+        return self.priority_input_per_1k is not None
+
+    @property
+    def by_volume(self) -> bool:
+        """Whether a request's price depends on what its user was billed earlier this month."""
+        return bool(self.volume_tiers)
+
+    def base(self, input_tokens: int, month_tokens: int = 0) -> Tuple[str, Decimal, Decimal]:
+        """(tier, input rate, output rate) per 1K tokens before any priority surcharge."""
         above = self.long_context_above
-        return LONG_CONTEXT if above is not None and input_tokens > above else STANDARD
-
-    def rates(self, tier: str) -> Tuple[Decimal, Decimal]:
-        """(input, output) USD per 1K tokens of a tier."""
-        if tier == LONG_CONTEXT and self.long_input_per_1k is not None \
+        if above is not None and input_tokens > above and self.long_input_per_1k is not None \
                 and self.long_output_per_1k is not None:
-            return self.long_input_per_1k, self.long_output_per_1k
-        return self.input_per_1k, self.output_per_1k
+            return LONG_CONTEXT, self.long_input_per_1k, self.long_output_per_1k
+        tier = (STANDARD, self.input_per_1k, self.output_per_1k)
+        for v in self.volume_tiers:
+            if month_tokens >= v.from_tokens:
+                tier = (v.name, v.input_per_1k, v.output_per_1k)
+        return tier
 
 
 @dataclass(frozen=True)
@@ -54,6 +91,9 @@ class Cost:
     input_micro: int
     output_micro: int
     tier: str = STANDARD
+    # The rates charged (USD per 1K tokens), kept on the ledger row; not part of equality.
+    input_per_1k: Optional[Decimal] = field(default=None, compare=False)
+    output_per_1k: Optional[Decimal] = field(default=None, compare=False)
 
     @property
     def total_micro(self) -> int:
@@ -66,13 +106,20 @@ def side_cost_micro(tokens: int, price_per_1k: Decimal) -> int:
     return int((amount / MICRO).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
-def cost(price: Price, input_tokens: int, output_tokens: int) -> Cost:
-    """What a request costs: its tier from its input tokens, then the rounding rule per side
-    at that tier's rates."""
-    tier = price.tier(input_tokens)
-    input_rate, output_rate = price.rates(tier)
+def cost(price: Price, input_tokens: int, output_tokens: int, month_tokens: int = 0,
+         priority: bool = False) -> Cost:
+    """What a request costs: its tier (see Price), that tier's rates plus the priority
+    surcharge when asked for, then the rounding rule per side. `month_tokens`: what its user
+    was billed earlier in the month, which only volume tiers read."""
+    tier, input_rate, output_rate = price.base(input_tokens, month_tokens)
+    if priority:
+        if price.priority_input_per_1k is None or price.priority_output_per_1k is None:
+            raise PricingError(f"model {price.model!r} has no priority tier")
+        tier = f"{tier}+{PRIORITY}"
+        input_rate += price.priority_input_per_1k
+        output_rate += price.priority_output_per_1k
     return Cost(side_cost_micro(input_tokens, input_rate),
-                side_cost_micro(output_tokens, output_rate), tier)
+                side_cost_micro(output_tokens, output_rate), tier, input_rate, output_rate)
 
 
 def micro_to_str(micro: int) -> str:
@@ -95,6 +142,8 @@ def usd_to_micro(value: str) -> int:
 
 
 def _decimal(v, where: str) -> Decimal:
+    if v is None:
+        raise PricingError(f"{where}: missing; write the price as a quoted string, e.g. \"0.002\"")
     if isinstance(v, float):
         # YAML 0.002 is a float: refuse it rather than inherit binary rounding.
         raise PricingError(f"{where}: write prices as quoted strings, e.g. \"0.002\" (got {v!r})")
@@ -126,7 +175,9 @@ def load_prices(path: Path) -> Dict[str, Price]:
             model=str(name), currency=currency,
             input_per_1k=_decimal(p.get("input_per_1k"), f"{where}.input_per_1k"),
             output_per_1k=_decimal(p.get("output_per_1k"), f"{where}.output_per_1k"),
-            **_long_context(p.get("long_context"), f"{where}.long_context"))
+            **_long_context(p.get("long_context"), f"{where}.long_context"),
+            **_priority(p.get("priority_surcharge"), f"{where}.priority_surcharge"),
+            volume_tiers=_volume_tiers(p.get("volume_tiers"), f"{where}.volume_tiers"))
     return prices
 
 
@@ -143,6 +194,45 @@ def _long_context(spec: Any, where: str) -> Dict[str, Any]:
     return {"long_context_above": above,
             "long_input_per_1k": _decimal(spec.get("input_per_1k"), f"{where}.input_per_1k"),
             "long_output_per_1k": _decimal(spec.get("output_per_1k"), f"{where}.output_per_1k")}
+
+
+def _priority(spec: Any, where: str) -> Dict[str, Any]:
+    """The optional priority surcharge of one model's price, added to both rates."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise PricingError(f"{where}: expected input_per_1k and output_per_1k")
+    return {"priority_input_per_1k": _decimal(spec.get("input_per_1k"), f"{where}.input_per_1k"),
+            "priority_output_per_1k": _decimal(spec.get("output_per_1k"),
+                                               f"{where}.output_per_1k")}
+
+
+def _volume_tiers(spec: Any, where: str) -> Tuple[VolumeTier, ...]:
+    """The optional volume tiers of one model's price: a list in ascending `from_tokens`."""
+    if spec is None:
+        return ()
+    if not isinstance(spec, list) or not spec:
+        raise PricingError(f"{where}: expected a list of {{from_tokens, input_per_1k, "
+                           f"output_per_1k}}")
+    tiers: List[VolumeTier] = []
+    for i, t in enumerate(spec):
+        at = f"{where}[{i}]"
+        if not isinstance(t, dict):
+            raise PricingError(f"{at}: expected from_tokens, input_per_1k, output_per_1k")
+        start = t.get("from_tokens")
+        if not isinstance(start, int) or isinstance(start, bool) or start < 1:
+            raise PricingError(f"{at}.from_tokens: a whole number of tokens >= 1 (got {start!r})")
+        if tiers and start <= tiers[-1].from_tokens:
+            raise PricingError(f"{at}.from_tokens: tiers must be in ascending from_tokens "
+                               f"({start} after {tiers[-1].from_tokens})")
+        name = str(t.get("name", f"volume_{i + 1}"))
+        if name in RESERVED_TIERS or not re.fullmatch(r"[a-z0-9_]{1,32}", name) \
+                or name in {v.name for v in tiers}:
+            raise PricingError(f"{at}.name: 1-32 of a-z, 0-9 and _, unique, and not one of "
+                               f"{RESERVED_TIERS} (got {name!r})")
+        tiers.append(VolumeTier(name, start, _decimal(t.get("input_per_1k"), f"{at}.input_per_1k"),
+                                _decimal(t.get("output_per_1k"), f"{at}.output_per_1k")))
+    return tuple(tiers)
 
 
 def monthly_minimum_micro(path: Path) -> int:

@@ -142,6 +142,11 @@ class MicroBatcher:
     rows, and answers those jobs as soon as that call returns. It waits up to `max_wait_s` for
     a batch to fill only when nothing else is queued and requests are arriving faster than that
     wait (an idle endpoint never waits; a busy one keeps the model working on what is queued).
+
+    A priority job (the priority price tier) waits in its bucket's priority queue, and those go
+    first: the bucket of the oldest priority job is served next, its priority jobs ahead of its
+    standard ones. Standard jobs wait while priority ones keep coming (bounded by queue_size,
+    as every job): priority is sold at a surcharge so that it stays the smaller share.
     """
 
     def __init__(self, predict: PredictFn, buckets: Sequence[int], max_batch: int = 32,
@@ -152,8 +157,10 @@ class MicroBatcher:
         self.max_batch, self.max_wait_s, self.queue_size = max_batch, max_wait_s, queue_size
         self.on_batch, self.clock = on_batch, clock
         self._queues: Dict[int, Deque[_Job]] = {b: deque() for b in self.buckets}
-        self._rows: Dict[int, int] = {b: 0 for b in self.buckets}
-        self._jobs = 0
+        self._priority: Dict[int, Deque[_Job]] = {b: deque() for b in self.buckets}
+        self._rows: Dict[int, int] = {b: 0 for b in self.buckets}  # both queues' rows
+        self._jobs = 0  # both queues' jobs
+        self._priority_jobs = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._last_arrival: Optional[float] = None
@@ -186,15 +193,16 @@ class MicroBatcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, rows: List[List[int]]) -> Future:
+    def submit(self, rows: List[List[int]], priority: bool = False) -> Future:
         now = self.clock()
         job = _Job(rows, bucket_length(max(len(r) for r in rows), self.buckets), now)
         with self._cond:
             if self._jobs >= self.queue_size:
                 raise Overloaded("model queue is full")
-            self._queues[job.bucket].append(job)
+            (self._priority if priority else self._queues)[job.bucket].append(job)
             self._rows[job.bucket] += len(rows)
             self._jobs += 1
+            self._priority_jobs += priority
             if self._last_arrival is not None:
                 gap = now - self._last_arrival
                 self._gap_s = gap if self._gap_s == float("inf") else 0.8 * self._gap_s + 0.2 * gap
@@ -210,7 +218,11 @@ class MicroBatcher:
                 self.predict(ids, mask)
 
     def _pick(self, now: float) -> int:
-        """The bucket to serve next: an overdue head job's, else the one with most rows."""
+        """The bucket to serve next: the oldest priority job's, else an overdue head job's,
+        else the one with most rows."""
+        if self._priority_jobs:
+            urgent = [b for b in self.buckets if self._priority[b]]
+            return min(urgent, key=lambda b: self._priority[b][0].enqueued)
         waiting = [b for b in self.buckets if self._queues[b]]
         oldest = min(waiting, key=lambda b: self._queues[b][0].enqueued)
         if now - self._queues[oldest][0].enqueued > FAIRNESS_S:
@@ -227,17 +239,23 @@ class MicroBatcher:
             bucket = self._pick(self.clock())
             deadline = self.clock() + self.max_wait_s
             while (self._rows[bucket] < self.max_batch and self._jobs == len(
-                    self._queues[bucket]) and self._gap_s < self.max_wait_s
-                   and not self._stopping):
+                    self._queues[bucket]) + len(self._priority[bucket])
+                   and self._gap_s < self.max_wait_s and not self._stopping):
                 remaining = deadline - self.clock()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            queue, n = self._queues[bucket], 0
+            n = 0
             taken: List[_Job] = []
-            while queue and (not taken or n + len(queue[0].rows) <= self.max_batch):
-                taken.append(queue.popleft())
-                n += len(taken[-1].rows)
+            for queue in (self._priority[bucket], self._queues[bucket]):
+                before = len(taken)
+                while queue and (not taken or n + len(queue[0].rows) <= self.max_batch):
+                    taken.append(queue.popleft())
+                    n += len(taken[-1].rows)
+                if queue is self._priority[bucket]:
+                    self._priority_jobs -= len(taken) - before
+                    if queue:  # a full batch of priority jobs: no standard job rides along
+                        break
             self._rows[bucket] -= n
             self._jobs -= len(taken)
         # False for a job whose caller cancelled it (a client gone): no model work for it.
@@ -291,8 +309,8 @@ class ModelRunner:
         self.batcher.start()
         self.ready = True
 
-    def submit(self, rows: List[List[int]]) -> Future:
-        return self.batcher.submit(rows)
+    def submit(self, rows: List[List[int]], priority: bool = False) -> Future:
+        return self.batcher.submit(rows, priority)
 
     def depth(self) -> int:
         """Jobs waiting for the model."""

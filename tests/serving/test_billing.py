@@ -319,8 +319,8 @@ class GatedRunner:
         self.gate.wait(30)
         return np.full((len(ids), len(self.info.labels)), 1 / len(self.info.labels))
 
-    def submit(self, rows: List[List[int]]):
-        return self.batcher.submit(rows)
+    def submit(self, rows: List[List[int]], priority: bool = False):
+        return self.batcher.submit(rows, priority)
 
     def depth(self) -> int:
         return self.batcher.depth()

@@ -138,15 +138,92 @@ def test_a_price_file_without_tiers_prices_every_length_alike(tmp_path):
     assert pricing.cost(pricing.price_for(f, "m"), 10_000, 1) == pricing.Cost(20_000, 4)
 
 
-@pytest.mark.parametrize("spec, says", [
-    ("above_input_tokens: 0, input_per_1k: '1', output_per_1k: '1'", "above_input_tokens"),
-    ("above_input_tokens: '5', input_per_1k: '1', output_per_1k: '1'", "above_input_tokens"),
-    ("above_input_tokens: 5, input_per_1k: 0.003, output_per_1k: '1'", "quoted strings"),
-    ("above_input_tokens: 5, output_per_1k: '1'", "long_context.input_per_1k"),
+COMPOSITE = LONG + """    volume_tiers:
+      - {from_tokens: 1000, input_per_1k: '0.0015', output_per_1k: '0.003'}
+      - {from_tokens: 5000, name: bulk, input_per_1k: '0.001', output_per_1k: '0.002'}
+    priority_surcharge: {input_per_1k: '0.0005', output_per_1k: '0.001'}
+"""
+
+
+# Amounts by hand. Rates per 1K (input / output): standard 0.002 / 0.004; volume_1 (the user
+# was billed >= 1000 tokens earlier this month) 0.0015 / 0.003; bulk (>= 5000) 0.001 / 0.002;
+# long context (> 100 input tokens, whatever the month) 0.003 / 0.006; priority adds
+# 0.0005 / 0.001 to whichever applies.
+#   10 in x 0.002 = 0.000020 -> 20; 2 out x 0.004 = 0.000008 -> 8
+#   10 x 0.0015 = 0.000015 -> 15; 2 x 0.003 = 0.000006 -> 6
+#   10 x 0.001 = 10; 2 x 0.002 = 4;  with priority 10 x 0.0015 = 15, 2 x 0.003 = 6
+#   100 x 0.001 = 100 (100 is not above the long-context edge); 2 x 0.002 = 4
+#   101 x 0.003 = 303; 2 x 0.006 = 12 (long context wins over bulk)
+#   101 x 0.0035 = 353.5 -> 354 (half up); 2 x 0.007 = 14
+#   3 x 0.0015 = 4.5 -> 5; 1 x 0.003 = 3
+#   1 x 0.0025 = 2.5 -> 3; 1 x 0.005 = 5
+@pytest.mark.parametrize("n_in, n_out, month, priority, tier, in_micro, out_micro", [
+    (10, 2, 0, False, "standard", 20, 8),
+    (10, 2, 999, False, "standard", 20, 8),
+    (10, 2, 1000, False, "volume_1", 15, 6),
+    (10, 2, 4999, False, "volume_1", 15, 6),
+    (10, 2, 5000, False, "bulk", 10, 4),
+    (10, 2, 10 ** 12, False, "bulk", 10, 4),
+    (10, 2, 5000, True, "bulk+priority", 15, 6),
+    (100, 2, 5000, False, "bulk", 100, 4),
+    (101, 2, 5000, False, "long_context", 303, 12),
+    (101, 2, 0, True, "long_context+priority", 354, 14),
+    (3, 1, 1000, False, "volume_1", 5, 3),
+    (1, 1, 0, True, "standard+priority", 3, 5),
 ])
-def test_a_malformed_tier_is_refused_with_what_to_fix(tmp_path, spec, says):
+def test_composite_prices_at_every_tier_edge(tmp_path, n_in, n_out, month, priority, tier,
+                                             in_micro, out_micro):
+    f = tmp_path / "p.yaml"
+    f.write_text(COMPOSITE)
+    c = pricing.cost(pricing.price_for(f, "m"), n_in, n_out, month, priority)
+    assert (c.tier, c.input_micro, c.output_micro) == (tier, in_micro, out_micro)
+
+
+def test_the_rates_charged_are_the_tier_s_plus_the_surcharge(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(COMPOSITE)
+    c = pricing.cost(pricing.price_for(f, "m"), 10, 2, 1000, priority=True)
+    assert (c.input_per_1k, c.output_per_1k) == (Decimal("0.0020"), Decimal("0.004"))
+
+
+def test_priority_on_a_model_without_a_priority_tier_is_an_error(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(LONG)
+    p = pricing.price_for(f, "m")
+    assert not p.has_priority and not p.by_volume
+    with pytest.raises(pricing.PricingError, match="no priority tier"):
+        pricing.cost(p, 1, 1, priority=True)
+    # Without volume tiers the month changes nothing.
+    assert pricing.cost(p, 10, 2, 10 ** 9) == pricing.cost(p, 10, 2, 0) == pricing.Cost(20, 8)
+
+
+@pytest.mark.parametrize("section, spec, says", [
+    ("long_context", "{above_input_tokens: 0, input_per_1k: '1', output_per_1k: '1'}",
+     "above_input_tokens"),
+    ("long_context", "{above_input_tokens: '5', input_per_1k: '1', output_per_1k: '1'}",
+     "above_input_tokens"),
+    ("long_context", "{above_input_tokens: 5, input_per_1k: 0.003, output_per_1k: '1'}",
+     "quoted strings"),
+    ("long_context", "{above_input_tokens: 5, output_per_1k: '1'}",
+     "long_context.input_per_1k: missing"),
+    ("volume_tiers", "[{from_tokens: 0, input_per_1k: '1', output_per_1k: '1'}]",
+     "from_tokens"),
+    ("volume_tiers", "[{from_tokens: 10, input_per_1k: '1', output_per_1k: '1'},"
+                     " {from_tokens: 10, input_per_1k: '1', output_per_1k: '1'}]", "ascending"),
+    ("volume_tiers", "[{from_tokens: 10, name: standard, input_per_1k: '1',"
+                     " output_per_1k: '1'}]", "name"),
+    ("volume_tiers", "[{from_tokens: 10, name: 'Big Tier', input_per_1k: '1',"
+                     " output_per_1k: '1'}]", "name"),
+    ("volume_tiers", "[{from_tokens: 10, input_per_1k: 0.5, output_per_1k: '1'}]",
+     "quoted strings"),
+    ("volume_tiers", "[]", "a list"),
+    ("volume_tiers", "{from_tokens: 10}", "a list"),
+    ("priority_surcharge", "{input_per_1k: '0.001'}", "priority_surcharge.output_per_1k"),
+    ("priority_surcharge", "'0.001'", "expected input_per_1k and output_per_1k"),
+])
+def test_a_malformed_tier_is_refused_with_what_to_fix(tmp_path, section, spec, says):
     f = tmp_path / "p.yaml"
     f.write_text(f"models:\n  m:\n    input_per_1k: '1'\n    output_per_1k: '1'\n"
-                 f"    long_context: {{{spec}}}\n")
+                 f"    {section}: {spec}\n")
     with pytest.raises(pricing.PricingError, match=says):
         pricing.load_prices(f)

@@ -275,3 +275,39 @@ def test_a_cancelled_request_gets_no_model_work_and_does_not_stop_the_worker():
     model.step()
     assert later.result(timeout=30).shape == (1, 2)
     b.stop()
+
+
+def test_a_priority_job_goes_ahead_of_older_and_fuller_standard_jobs():
+    from serving.runner import FAIRNESS_S
+
+    now = [0.0]
+    b, model = _held_batcher(now)
+    longs = [b.submit([[1] * 7]) for _ in range(3)]  # bucket 8: three rows, and overdue
+    now[0] += FAIRNESS_S * 2
+    urgent = b.submit([[1, 2]], priority=True)       # bucket 4: one row, just arrived
+    model.step()
+    assert model.shapes[1] == (1, 4)  # the priority job alone, before the older, fuller bucket
+    model.step()
+    assert urgent.done() and not any(f.done() for f in longs)
+    assert model.shapes[2] == (3, 8)
+    model.step()
+    assert all(f.result(timeout=30).shape == (1, 2) for f in longs)
+    assert b.depth() == 0
+    b.stop()
+
+
+def test_priority_jobs_take_the_batch_first_and_standard_ones_fill_what_is_left():
+    now = [0.0]
+    b, model = _held_batcher(now)  # max_batch 8
+    standard = [b.submit([[1] * 7] * 3) for _ in range(2)]   # 6 rows, bucket 8
+    urgent = [b.submit([[1] * 8] * 3, priority=True) for _ in range(3)]  # 9 rows, bucket 8
+    model.step()
+    assert model.shapes[1] == (6, 8)  # two priority jobs; the third does not fit, and no
+    model.step()                      # standard job rides ahead of it
+    assert all(f.done() for f in urgent[:2]) and not urgent[2].done()
+    assert model.shapes[2] == (6, 8)  # the last priority job, then a standard one to fill
+    model.step()
+    assert urgent[2].done() and standard[0].done() and not standard[1].done()
+    model.step()
+    assert standard[1].result(timeout=30).shape == (3, 2)
+    b.stop()
