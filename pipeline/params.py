@@ -163,6 +163,9 @@ class Benchmark(BaseModel):
     server_start_timeout_s: float = Field(180.0, gt=0)
     naive: bool = Field(True, description="also measure the brief's naive Flask design")
     metering_off: bool = Field(True, description="also measure the endpoint unmetered")
+    priority_concurrency: int = Field(
+        2, ge=0, description="priority clients (Tokenmeter-Priority: high) alongside "
+                             "headline_concurrency standard ones on one endpoint (0: skip)")
     # Ledger capacity on its own: billed rows committed durably per second.
     ledger_events: int = Field(3000, ge=1)
     ledger_inflight: int = Field(64, ge=1)

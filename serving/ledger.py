@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import (
@@ -248,7 +248,9 @@ class CommitResult:
     status: str  # "billed" | "duplicate" | "insufficient_quota"
     response: Optional[str] = None  # the first answer, for "duplicate"
     request_hash: Optional[str] = None  # the first request's, for "duplicate"
-    event: Optional[BillingEvent] = None  # the row as written, for "billed"
+    # The row as written, for "billed" (priced in the transaction with volume tiers); not
+    # part of equality: a result is its outcome.
+    event: Optional[BillingEvent] = field(default=None, compare=False)
 
 
 # The event of a request priced in the writer's transaction, given the tokens its user was

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Dict, List, Optional, Sequence, SupportsFloat
+from typing import Any, Dict, List, Optional, Sequence, SupportsFloat
 
 from pipeline.params import Benchmark, Hardware
 
@@ -107,7 +107,8 @@ def pct_change(new: object, old: object) -> Optional[float]:
 
 
 def ratios(b: Benchmark, grid: List[dict], policy: List[dict],
-           servers: Dict[str, dict]) -> Dict[str, object]:
+           servers: Dict[str, dict], priority: Optional[Dict[str, Any]] = None
+           ) -> Dict[str, object]:
     top = b.headline_concurrency
     out: Dict[str, object] = {"at_concurrency": top}
     ep = at(servers["endpoint"]["levels"], top)
@@ -150,6 +151,13 @@ def ratios(b: Benchmark, grid: List[dict], policy: List[dict],
         out["metering_overhead_req_s_pct"] = round(
             (number(off["req_per_s"]) - number(ep["req_per_s"])) / number(off["req_per_s"])
             * 100, 2) if off and off["req_per_s"] else None
+    if priority:
+        # Priority p50 over the standard p50 of the same run (below 1: priority waits less).
+        std, pri = priority["standard"], priority["priority"]
+        out["priority_p50_vs_standard"] = round(number(pri["p50_ms"]) / number(std["p50_ms"]),
+                                                3) if pri["p50_ms"] and std["p50_ms"] else None
+        out["priority_p99_vs_standard"] = round(number(pri["p99_ms"]) / number(std["p99_ms"]),
+                                                3) if pri["p99_ms"] and std["p99_ms"] else None
     speed: Dict[str, List[float]] = {}
     for row in grid:
         speed.setdefault(row["mode"], []).append(float(row["rows_per_s"]))

@@ -133,6 +133,10 @@ def log_mlflow(b: Benchmark, report: dict, artifacts: Sequence[Path]) -> str:
             "hardware": "; ".join(f"{h.name}=${h.usd_per_hour}/h" for h in b.hardware),
             "tensorflow": report["model"]["tensorflow"], "cpus": os.cpu_count()})
         flat = flatten("", {k: report[k] for k in ("ratios", "ledger_capacity", "cost")})
+        for client in ("standard", "priority") if "priority" in report else ():
+            flat.update(flatten(f"priority_endpoint.{client}",
+                                {k: v for k, v in report["priority"][client].items()
+                                 if k != "error_kinds"}))
         for name, s in report["servers"].items():
             for lvl in s["levels"]:
                 flat.update(flatten(f"{name}.c{lvl['concurrency']}",
@@ -182,6 +186,14 @@ def table(report: dict) -> str:
                  f"{ra.get('metering_overhead_p50_pct')}% and req/s "
                  f"{ra.get('metering_overhead_req_s_pct')}%, fastest mode "
                  f"{ra['fastest_mode']}, xla/graph {ra.get('xla_vs_graph_median')}")
+    if "priority" in report:
+        pr = report["priority"]
+        lines.append(f"priority tier: {pr['priority']['concurrency']} priority clients beside "
+                     f"{pr['standard']['concurrency']} standard ones: p50 "
+                     f"{pr['priority']['p50_ms']} vs {pr['standard']['p50_ms']} ms "
+                     f"({ra.get('priority_p50_vs_standard')}x), p99 "
+                     f"{pr['priority']['p99_ms']} vs {pr['standard']['p99_ms']} ms "
+                     f"({ra.get('priority_p99_vs_standard')}x)")
     for kind, cap in report["ledger_capacity"].items():
         lines.append(f"ledger {kind}: " + (f"{cap['events_per_s']} billed rows/s durable, "
                                            f"one commit alone {cap['single_commit_p50_ms']} ms,"

@@ -17,9 +17,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from pipeline import paths
 from pipeline.benchmark import ceiling, ledger_capacity
@@ -88,7 +89,7 @@ def batch_bodies(texts: Sequence[str], per_request: int) -> List[bytes]:
 
 # --- servers ----------------------------------------------------------------------------------
 def endpoint(name: str, model_dir: Path, ledger: Path, b: Benchmark, metering: bool,
-             out_dir: Path) -> ServerProcess:
+             out_dir: Path, pricing_file: Optional[Path] = None) -> ServerProcess:
     port = free_port()
     env = {"TOKENMETER_MODEL_DIR": str(model_dir.resolve()),
            "TOKENMETER_LEDGER": str(ledger.resolve()),
@@ -98,6 +99,8 @@ def endpoint(name: str, model_dir: Path, ledger: Path, b: Benchmark, metering: b
            "TOKENMETER_MAX_BODY_BYTES": str(1024 * 1024)}
     if not metering:
         env.update({"TOKENMETER_METERING": "off", "TOKENMETER_ALLOW_UNMETERED": "1"})
+    if pricing_file is not None:
+        env["TOKENMETER_PRICING_FILE"] = str(pricing_file.resolve())
     return ServerProcess(name, [sys.executable, "-m", "serving", "serve"], env, ROOT,
                          out_dir / f"{name}.log", port, "/readyz", b.server_start_timeout_s)
 
@@ -111,6 +114,21 @@ def naive(model_dir: Path, b: Benchmark, out_dir: Path) -> ServerProcess:
 
 def fresh_ledger(path: Path) -> None:
     ledger_capacity.remove_sqlite(path)
+
+
+def with_priority(out_dir: Path) -> Path:
+    """The default price file plus a priority surcharge for every model (the stage measures
+    the queue, not the price: any surcharge will do)."""
+    import yaml
+
+    from serving.settings import DEFAULT_PRICING
+
+    prices = yaml.safe_load(DEFAULT_PRICING.read_text(encoding="utf-8"))
+    for model in prices["models"].values():
+        model["priority_surcharge"] = {"input_per_1k": "0.001", "output_per_1k": "0.001"}
+    path = out_dir / "priority-pricing.yaml"
+    write_atomic(path, yaml.safe_dump(prices, sort_keys=False))
+    return path
 
 
 def create_key(ledger: Path) -> str:
@@ -183,6 +201,53 @@ def measure_server(server: ServerProcess, bodies: Sequence[bytes], b: Benchmark,
     return {"pid": server.pid, "port": server.port, **measured}
 
 
+def measure_priority(model_dir: Path, b: Benchmark, out_dir: Path, bodies: Sequence[bytes],
+                     load: LoadFn) -> Dict[str, object]:
+    """The priority tier under load: one metered endpoint, `headline_concurrency` standard
+    clients and `priority_concurrency` priority clients driving it at the same time for
+    duration_s. Both latencies come from the one run; their ratio is the figure."""
+    ledger = out_dir / "priority-ledger.sqlite3"
+    fresh_ledger(ledger)
+    auth = {"Authorization": f"Bearer {create_key(ledger)}"}
+    server = endpoint("priority", model_dir, ledger, b, True, out_dir, with_priority(out_dir))
+    clients = {"standard": (b.headline_concurrency, auth),
+               "priority": (b.priority_concurrency, {**auth, "Tokenmeter-Priority": "high"})}
+    results: Dict[str, LoadResult] = {}
+    failures: List[BaseException] = []
+
+    def drive_one(name: str) -> None:
+        c, headers = clients[name]
+        try:
+            results[name] = load(server.url + "/v1/analyze", bodies, [1] * len(bodies), c,
+                                 b.duration_s, b.max_requests, headers, b.request_timeout_s)
+        except BaseException as exc:  # re-raised on the stage's thread below
+            failures.append(exc)
+
+    warmed = 0
+    with server:
+        if b.warmup_requests:
+            warmed = len(load(server.url + "/v1/analyze", bodies, [1] * len(bodies),
+                              b.headline_concurrency, b.request_timeout_s * 2,
+                              b.warmup_requests, auth, b.request_timeout_s).ok)
+        threads = [threading.Thread(target=drive_one, args=(n,)) for n in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        pid, port = server.pid, server.port
+    if failures:
+        raise failures[0]
+    rows = {name: {**summarize(res), "concurrency": clients[name][0]}
+            for name, res in results.items()}
+    for name, row in rows.items():
+        print(f"benchmark: priority endpoint, {name} c={row['concurrency']}: p50 "
+              f"{row['p50_ms']} ms, p99 {row['p99_ms']} ms", flush=True)
+    with sqlite3.connect(str(ledger)) as conn:
+        tiers = dict(conn.execute("SELECT price_tier, COUNT(*) FROM billing_events"
+                                  " GROUP BY price_tier").fetchall())
+    return {"pid": pid, "port": port, **rows, "warmup_ok": warmed, "billed_by_tier": tiers}
+
+
 def ledger_totals(path: Path) -> Dict[str, int]:
     with sqlite3.connect(str(path)) as conn:
         r = conn.execute("SELECT COUNT(*), COALESCE(SUM(input_tokens), 0),"
@@ -238,6 +303,8 @@ def benchmark(model_dir: Path, b: Benchmark, out_dir: Path,
     if b.naive:
         servers["naive"] = measure_server(naive(model_dir, b, out_dir), bodies, b,
                                           {"X-User-ID": "benchmark"}, False, load)
+    priority = measure_priority(model_dir, b, out_dir, bodies, load) \
+        if b.priority_concurrency else None
 
     # After the servers: thousands of fsyncs (and a PostgreSQL checkpoint) leave the disk busy
     # for seconds, which showed as +80% on the next server's p50 at concurrency 1.
@@ -278,7 +345,8 @@ def benchmark(model_dir: Path, b: Benchmark, out_dir: Path,
                  "revenue_per_1k_usd": round(revenue_per_1k, 9),
                  "measured_tokens_per_s": measured_tps,
                  "hardware": cost_table(b.hardware, measured_tps, revenue_per_1k)},
-        "ratios": ratios(b, grid, policy, servers),
+        "ratios": ratios(b, grid, policy, servers, priority),
+        **({"priority": priority} if priority else {}),
         "_records": servers,
     }
 

@@ -173,6 +173,24 @@ def test_ledger_holds_exactly_the_billed_answers_the_load_counted(bench):
     assert report["servers"]["unmetered"]["ledger_rows"] == 0  # metering off bills nothing
 
 
+def test_priority_clients_run_beside_standard_ones_and_are_billed_at_their_tier(bench):
+    ws, result, report = bench
+    b = _params(ws)
+    pr = report["priority"]
+    assert _gone(pr["pid"]) and port_is_free(pr["port"])
+    assert (pr["standard"]["concurrency"], pr["priority"]["concurrency"]) == \
+        (b.headline_concurrency, b.priority_concurrency)
+    for client in ("standard", "priority"):
+        assert pr[client]["ok"] > 0 and pr[client]["p50_ms"] > 0, client
+    # Every answer either client counted is in that endpoint's ledger at its own tier (the
+    # warm-up's standard ones too), and nothing else is.
+    assert pr["billed_by_tier"] == {
+        "standard": pr["warmup_ok"] + pr["standard"]["ok"],
+        "standard+priority": pr["priority"]["ok"]}
+    assert report["ratios"]["priority_p50_vs_standard"] > 0
+    assert "priority tier: " in result.stdout  # the summary table's line
+
+
 def test_outputs_and_mlflow_run(bench):
     ws, _, report = bench
     for p in (paths.BENCHMARK_LOAD_CSV, paths.BENCHMARK_COST_CSV,
@@ -190,6 +208,8 @@ def test_outputs_and_mlflow_run(bench):
     assert run.data.params["execution"] == "graph" and run.data.params["concurrency"] == "[1, 4]"
     assert "ratios.served_vs_ceiling" in run.data.metrics
     assert "endpoint.c4.tokens_per_s" in run.data.metrics
+    assert {"ratios.priority_p50_vs_standard", "priority_endpoint.priority.p50_ms",
+            "priority_endpoint.standard.p50_ms"} <= set(run.data.metrics)
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"requests.csv", "benchmark_latency.png", "benchmark_throughput.png",
             "benchmark_cost.png"} <= names

@@ -1,6 +1,7 @@
 """Invoices (serving/invoices.py, `python -m serving invoice`) against a generated month of
-traffic: three users, four keys, two models and a price change in the middle of the month,
-written through the real ledger writer into a real SQLite file.
+traffic: three users, four keys, two models, a price change in the middle of the month and
+one user crossing a volume tier, written through the real ledger writer into a real SQLite
+file.
 
 Expected figures come from the generated events themselves (amounts rounded half-up by this
 test, summed in Python) and from plain SQL on the file, never from the code under test:
@@ -19,6 +20,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
@@ -35,6 +37,9 @@ PRICES = {"sentiment": (("0.002", "0.002"), ("0.0025", "0.002")),
           "sentiment-large": (("0.010", "0.030"), ("0.010", "0.030"))}
 USERS = {"acme": 2, "globex": 1, "initech": 1}  # keys per user
 EVENTS = {"acme": 120, "globex": 60, "initech": 3}
+# acme's requests after its month reached this many tokens are at the volume tier's rates.
+VOLUME_EDGE, VOLUME_USER = 12_000, "acme"
+VOLUME_PRICES = {"sentiment": ("0.0015", "0.0015"), "sentiment-large": ("0.008", "0.024")}
 
 
 def micro(tokens: int, price: str) -> int:
@@ -47,6 +52,21 @@ def event(key, ts: str, model: str, n_in: int, n_out: int) -> BillingEvent:
     return priced_event(key, ts, model, n_in, n_out, p_in, p_out, "invoice-test")
 
 
+def by_volume(events: List[BillingEvent]) -> List[BillingEvent]:
+    """VOLUME_USER's events, in time order, repriced at the volume tier once the tokens billed
+    before them reach VOLUME_EDGE (graduated by request, as the README says)."""
+    month_tokens, out = 0, []
+    for e in sorted(events, key=lambda e: e.ts):
+        if month_tokens >= VOLUME_EDGE:
+            p_in, p_out = VOLUME_PRICES[e.model]
+            e = priced_event(SimpleNamespace(id=e.key_id, user_id=e.user_id), e.ts, e.model,
+                             e.input_tokens, e.output_tokens, p_in, p_out, "invoice-test")
+            e.price_tier = "volume_1"
+        month_tokens += e.input_tokens + e.output_tokens
+        out.append(e)
+    return out
+
+
 def write_month(led: Ledger) -> List[BillingEvent]:
     """A month of generated traffic (plus a row on each side of it) through the real writer;
     the events of PERIOD."""
@@ -54,10 +74,12 @@ def write_month(led: Ledger) -> List[BillingEvent]:
     events: List[BillingEvent] = []
     for user, n_keys in USERS.items():
         keys = [create_key(led, user)[0] for _ in range(n_keys)]
+        mine = []
         for i in range(EVENTS[user]):
             ts = f"{PERIOD}-{rng.randint(1, 31):02d}T{rng.randint(0, 23):02d}:{i % 60:02d}:00Z"
-            events.append(event(rng.choice(keys), ts, rng.choice(list(PRICES)),
-                                rng.randint(3, 400), rng.randint(1, 24)))
+            mine.append(event(rng.choice(keys), ts, rng.choice(list(PRICES)),
+                              rng.randint(3, 400), rng.randint(1, 24)))
+        events += by_volume(mine) if user == VOLUME_USER else mine
         events.append(event(keys[0], "2026-09-30T23:59:59.999999Z", "sentiment", 50, 3))
         events.append(event(keys[0], "2026-11-01T00:00:00.000000Z", "sentiment", 50, 3))
     for e in events:
@@ -81,7 +103,8 @@ def expected_lines(events: List[BillingEvent], user: str) -> Dict[tuple, Dict[st
     out: Dict[tuple, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for e in events:
         if e.user_id == user:
-            line = out[(e.model, e.input_price_per_1k, e.output_price_per_1k)]
+            line = out[(e.model, e.price_tier or "standard", e.input_price_per_1k,
+                        e.output_price_per_1k)]
             line["requests"] += 1
             line["input_tokens"] += e.input_tokens
             line["output_tokens"] += e.output_tokens
@@ -104,7 +127,7 @@ def test_totals_equal_the_ledger_to_the_micro_usd(month):
         doc = issue(led, user, PERIOD, now=NOW).document
         want = expected_lines(events, user)
         assert len(want) >= 3  # both models, and sentiment at both prices
-        got = {(ln["model"], ln["input_price_per_1k"], ln["output_price_per_1k"]): ln
+        got = {(ln["model"], ln["tier"], ln["input_price_per_1k"], ln["output_price_per_1k"]): ln
                for ln in doc["lines"]}
         assert set(got) == set(want)
         for k, w in want.items():
@@ -118,6 +141,13 @@ def test_totals_equal_the_ledger_to_the_micro_usd(month):
         assert doc["subtotal"] == doc["total"] == usd(total) == usd(ledger_sums[user])
         assert doc["status"] == "final" and doc["true_up"] == "0.000000"
         assert doc["requests"] == EVENTS[user]
+        # acme crossed the volume edge mid-month: both tiers, for both models.
+        tiers = {(k[0], k[1]) for k in want}
+        assert doc["tiers_applied"] == sorted({t for _, t in tiers})
+        if user == VOLUME_USER:
+            assert tiers == {(m, t) for m in PRICES for t in ("standard", "volume_1")}
+            crossed = min(e.ts for e in events if e.price_tier == "volume_1")
+            assert f"{PERIOD}-05" < crossed < f"{PERIOD}-27", crossed  # mid-month
 
 
 def test_a_closed_month_is_issued_once_and_reissued_byte_for_byte(month, tmp_path):
