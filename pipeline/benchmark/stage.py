@@ -127,7 +127,7 @@ def with_priority(out_dir: Path) -> Path:
     for model in prices["models"].values():
         model["priority_surcharge"] = {"input_per_1k": "0.001", "output_per_1k": "0.001"}
     path = out_dir / "priority-pricing.yaml"
-    write_atomic(path, yaml.safe_dump(prices, sort_keys=False))
+    write_atomic(path, yaml.safe_dump(prices, sort_keys=False).encode("utf-8"))
     return path
 
 
