@@ -20,7 +20,7 @@ EXPECTED_CUDA = "11.2"
 EXPECTED_CUDNN = "8"
 # Imported at build time so that a wheel broken for Python 3.8 fails the build, not a user.
 IMPORTS = ("transformers", "tokenizers", "datasets", "sklearn", "mlflow", "dvc", "fastapi",
-           "uvicorn", "httpx", "prometheus_client", "psycopg", "psycopg_pool", "tenacity",
+           "uvicorn", "httpx", "prometheus_client", "psycopg", "psycopg_pool", "tenacity", "redis",
            "pydantic_settings", "yaml",
            "snownlp", "jupyter_server", "jupyterlab")
 PINNED: Dict[str, str] = {"transformers": "4.37.2"}

@@ -2,11 +2,12 @@
 # Installs the Debian packages the tests drive for real (sshd and its client, nss_wrapper for
 # test users; podman, buildah, runc, podman-compose and debootstrap to build and run the
 # image; Prometheus to run the cost dashboard's queries; headless Chromium and pdftoppm to
-# print and draw an invoice) when some are missing and we may (root + apt-get). Never fails the caller: tests
+# print and draw an invoice; Redis and HAProxy for replicas sharing rate limits behind a load
+# balancer) when some are missing and we may (root + apt-get). Never fails the caller: tests
 # that need a missing one skip, naming it.
 set -uo pipefail
 want=(openssh-server openssh-client libnss-wrapper debootstrap podman buildah runc podman-compose
-      prometheus chromium poppler-utils)
+      prometheus chromium poppler-utils redis-server haproxy)
 missing=()
 for p in "${want[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -23,6 +23,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from typing_extensions import Annotated  # typing.Annotated is 3.9+; the official image has 3.8
@@ -51,6 +52,7 @@ from serving.openapi import (
 )
 from serving.runner import ModelRunner
 from serving.settings import Settings
+from serving.shared_limits import SharedRateLimiter
 from serving.watchdog import Watchdog, Watched
 
 log = logging.getLogger("tokenmeter")
@@ -349,11 +351,24 @@ def routes(settings: Settings, metered: bool, meter: Meter, price: pricing.Price
     return r
 
 
+def shared_limiter(s: Settings, metrics: Metrics) -> Optional[SharedRateLimiter]:
+    """Limits in Redis when REDIS_URL is set, its state exported as tokenmeter_limit_store_up."""
+    if not s.redis_url:
+        return None
+    up = Gauge("tokenmeter_limit_store_up", "1 while the shared rate-limit store answers; 0: "
+               "each replica limits at its share", registry=metrics.registry)
+    up.set(1)
+    return SharedRateLimiter(s.redis_url, s.limit_replicas,
+                             on_store=lambda ok: up.set(1 if ok else 0))
+
+
 def create_app(c: Components) -> FastAPI:
     info = c.runner.info
     metrics = Metrics(c.instance_id, info.name, info.version,
                       c.settings.hardware_usd_per_hour)
-    billing = Billing(c.settings, c.runner, c.ledger, c.meter, c.price, c.instance_id, metrics)
+    shared = shared_limiter(c.settings, metrics)
+    billing = Billing(c.settings, c.runner, c.ledger, c.meter, c.price, c.instance_id, metrics,
+                      shared=shared)
     if not billing.metered:
         log.warning("metering is off: answers are not authenticated, limited or billed "
                     "(benchmarks only)")
@@ -371,6 +386,8 @@ def create_app(c: Components) -> FastAPI:
         # Drain: the ledger writer commits what is queued before it stops.
         c.runner.stop()
         c.ledger.stop()
+        if shared is not None:
+            await shared.close()
 
     app = DocumentedApp(title="tokenmeter", version="1", lifespan=lifespan,
                         description="Sentiment analysis billed per token. Errors are "

@@ -57,6 +57,7 @@ from serving.metering import InputError, Meter, Metered
 from serving.metrics import Metrics
 from serving.runner import ModelInfo, Overloaded
 from serving.settings import Settings
+from serving.shared_limits import SharedRateLimiter
 
 log = logging.getLogger("tokenmeter")
 billing_log = logging.getLogger("tokenmeter.billing")
@@ -206,11 +207,13 @@ class Billing:
 
     def __init__(self, settings: Settings, runner: Runner, ledger: Ledger, meter: Meter,
                  price: pricing.Price, instance_id: str, metrics: Optional[Metrics] = None,
-                 limiter: Optional[RateLimiter] = None):
+                 limiter: Optional[RateLimiter] = None,
+                 shared: Optional[SharedRateLimiter] = None):
         self.settings, self.runner, self.ledger = settings, runner, ledger
         self.meter, self.price, self.instance_id = meter, price, instance_id
         self.metrics = metrics
         self.limiter = limiter or RateLimiter()
+        self.shared = shared  # limits in Redis, shared by the replicas; else this process's
         self.metered = settings.metering != "off"
         self.info = runner.info
         # Bounded staleness, see serving.cache: keys by hash, spend by (owner, id, month).
@@ -266,12 +269,13 @@ class Billing:
     def max_output_tokens(self, texts: int) -> int:
         return self.meter.max_output_tokens_per_text * texts
 
-    def limit(self, key: KeyRecord, metered: Metered) -> None:
+    async def limit(self, key: KeyRecord, metered: Metered) -> None:
         """RPM and TPM of the key; tokens are counted at their worst case (largest output)."""
         s = self.settings
-        refusal = self.limiter.admit(key.id, metered.input_tokens
-                                     + self.max_output_tokens(len(metered.ids)),
-                                     key.rpm or s.default_rpm, key.tpm or s.default_tpm)
+        args = (key.id, metered.input_tokens + self.max_output_tokens(len(metered.ids)),
+                key.rpm or s.default_rpm, key.tpm or s.default_tpm)
+        refusal = await self.shared.admit(*args) if self.shared is not None \
+            else self.limiter.admit(*args)
         if refusal is not None:
             raise Refused("rate_limit", refusal.code, refusal.message, refusal.retry_after_s)
 
@@ -442,7 +446,7 @@ class Billing:
         metered = self.meter_texts(texts, truncate)
         ts = now_iso()
         if key is not None:
-            self.limit(key, metered)
+            await self.limit(key, metered)
             await self.reserve(key, metered, ts, priority)
         label_ids, probs = await self.run(metered, priority)
         output_tokens = self.meter.output_tokens(label_ids)

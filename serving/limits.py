@@ -1,7 +1,8 @@
 """Per-key requests-per-minute and tokens-per-minute limits over a sliding 60-second window.
 
-Held in this process's memory: with N replicas a key can get up to N times its limits
-(budgets, which are money, live in the ledger instead). Knows nothing about HTTP or money.
+Held in this process's memory: one replica's limiter, and every replica's fallback while the
+shared store is down (serving.shared_limits holds the limits replicas share). Budgets, which are
+money, live in the ledger instead. Knows nothing about HTTP or money.
 """
 
 from __future__ import annotations

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     # Defaults for keys created without their own limits (0 = unlimited).
     default_rpm: int = Field(0, ge=0)
     default_tpm: int = Field(0, ge=0)
+    # RPM/TPM shared by every replica (serving.shared_limits): a redis:// URL; unset, each
+    # process limits on its own. LIMIT_REPLICAS: how many replicas share the limits; while
+    # Redis does not answer, each limits at 1/LIMIT_REPLICAS of every limit.
+    redis_url: Optional[str] = None
+    limit_replicas: int = Field(1, ge=1)
 
     # Benchmarking only (the metering-overhead figure): "off" answers without key, limits,
     # budgets or ledger, so nothing is billed. Refused unless ALLOW_UNMETERED is also set,

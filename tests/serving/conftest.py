@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from decimal import ROUND_HALF_UP, Decimal
@@ -30,15 +31,18 @@ PRICING_FILE = ROOT / "serving" / "pricing.yaml"  # what `serve` reads unless to
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `postgres` are skipped, saying what is missing, when no server is given.
+    """Tests marked `postgres` are skipped, saying what is missing, when no server is given;
+    `redis` and `haproxy` ones when the Debian binary is not installed.
     (This hook sees every collected item, so it also covers tests/pipeline's postgres test
     when both folders run together; that test also carries its own skipif for runs alone.)"""
-    if os.environ.get(PG_ENV):
-        return
-    skip = pytest.mark.skip(reason=PG_MISSING)
+    binaries = {"redis": "redis-server", "haproxy": "haproxy"}  # marker -> Debian binary
     for item in items:
-        if item.get_closest_marker("postgres"):
-            item.add_marker(skip)
+        if item.get_closest_marker("postgres") and not os.environ.get(PG_ENV):
+            item.add_marker(pytest.mark.skip(reason=PG_MISSING))
+        for marker, exe in binaries.items():
+            if item.get_closest_marker(marker) and shutil.which(exe) is None:
+                item.add_marker(pytest.mark.skip(
+                    reason=f"needs {exe} (Debian's `{exe}`; scripts/system-packages.sh)"))
 
 
 def cli(ledger: str, *args: str, env: Optional[Dict[str, str]] = None,
