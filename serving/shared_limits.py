@@ -101,6 +101,8 @@ class SharedRateLimiter:
                  on_store: Optional[Callable[[bool], None]] = None):
         import redis.asyncio
 
+        # What a store that does not answer raises (imported here: only replicas need redis).
+        self.store_errors = (redis.RedisError, OSError)
         self.url, self.replicas, self.retry_s, self.clock = url, replicas, retry_s, clock
         self.client: Any = redis.asyncio.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
@@ -125,14 +127,12 @@ class SharedRateLimiter:
     async def admit(self, key_id: str, tokens: int, rpm: int, tpm: int) -> Optional[Refusal]:
         if rpm <= 0 and tpm <= 0:
             return None
-        import redis
-
         if self.clock() >= self._retry_at:
             try:
                 kind, wait_ms = await self.script(keys=[PREFIX + key_id],
                                                   args=[rpm, tpm, tokens, int(WINDOW_S * 1000),
                                                         uuid.uuid4().hex])
-            except (redis.RedisError, OSError) as exc:
+            except self.store_errors as exc:
                 self._retry_at = self.clock() + self.retry_s
                 self._mark(False, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
             else:
