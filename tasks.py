@@ -74,6 +74,19 @@ def serve(c, model_dir="", port=0, ledger=""):
     _run(c, f"python -m serving{args}")
 
 
+@task(help={"replicas": "replica counts, e.g. 1,2,3", "concurrency": "clients through HAProxy",
+            "duration": "seconds of load per replica count",
+            "model_dir": "exported model (default models/sentiment/1)",
+            "pg_dsn": "PostgreSQL server for the shared ledger (default "
+                      "$TOKENMETER_TEST_PG_DSN, else one shared SQLite file)"})
+def scale(c, replicas="1,2,3", concurrency=32, duration=10.0, model_dir="", pg_dsn=""):
+    """req/s and p50/p99 with 1, 2, 3 replicas behind HAProxy (metrics/scale.json)."""
+    args = f" --replicas {replicas} --concurrency {int(concurrency)} --duration {float(duration)}" \
+        + (f" --model-dir {model_dir}" if model_dir else "") \
+        + (f" --pg-dsn {pg_dsn}" if pg_dsn else "")
+    _run(c, f"python -m pipeline.benchmark.scale{args}")
+
+
 @task(help={"args": "e.g. \"create --user alice --budget-usd 5\", \"list\", \"revoke KEY_ID\""})
 def keys(c, args="list"):
     """Create (printed once), list or revoke API keys in the ledger."""

@@ -5,6 +5,8 @@
 #                profile to the image's own copy); its output is also kept in logs/
 #   serve [ARGS] the metered endpoint (python3 -m serving serve) on 0.0.0.0, ledger in ledger/
 #   check        the image check with a GPU required (docker/check_image.py --gpu)
+#   worker       one worker of multi-worker training (python3 -m pipeline.train in the
+#                workspace) with the cluster and this task in $TF_CONFIG; refuses without it
 #   anything else is run as given (bash, python3 -m pytest, ...)
 # Every path is an overridable variable so that tests run the modes outside a container.
 set -euo pipefail
@@ -140,6 +142,17 @@ case "$mode" in
     ;;
   check)
     exec python3 "$CONFIG_DIR/check_image.py" --gpu "$@"
+    ;;
+  worker)
+    # Every worker gets the same cluster and its own task; the chief writes the outputs. The
+    # stages before train (prepare, tokenizer) must have run: `repro tokenizer` first.
+    tf_config="${TF_CONFIG:-}"
+    [ -n "${tf_config//[[:space:]]/}" ] || die "TF_CONFIG is unset or empty; a worker needs the cluster and its own task, e.g. TF_CONFIG='{\"cluster\": {\"worker\": [\"host1:12345\", \"host2:12345\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}' (index 1 on the second worker)"
+    [ "$#" -eq 0 ] || die "worker takes no arguments (got: $*); the cluster and the task are in TF_CONFIG, the params in params.yaml"
+    write_mode worker
+    cd "$WORKSPACE"
+    log "training worker; TF_CONFIG: $tf_config"
+    exec python3 -m pipeline.train
     ;;
   *)
     exec "$mode" "$@"

@@ -13,9 +13,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import (
     AsyncIterator,
+    Callable,
     Dict,
     List,
     Optional,
+    Sequence,
     Tuple,
 )
 
@@ -40,6 +42,7 @@ from serving.openapi import (
     STRING,
     TOP_RESPONSES,
     USAGE_RESPONSES,
+    VERSION_HEADER,
     AnalyzeResponse,
     DocumentedApp,
     Health,
@@ -49,10 +52,13 @@ from serving.openapi import (
     blank_ranges,
     priority_parameter,
     text_pattern,
+    version_parameter,
 )
+from serving.pg_limits import PgRateLimiter
 from serving.runner import ModelRunner
 from serving.settings import Settings
-from serving.shared_limits import SharedRateLimiter
+from serving.shared_limits import RedisRateLimiter, SharedRateLimiter
+from serving.versions import Rollout, Served, Versions
 from serving.watchdog import Watchdog, Watched
 
 log = logging.getLogger("tokenmeter")
@@ -101,6 +107,8 @@ class Components:
     meter: Meter
     price: pricing.Price
     instance_id: str
+    # Loads another version of the model (serving.versions); None serves `runner`'s only.
+    load_version: Optional[Callable[[str], Served]] = None
 
 
 # Refusal kind (serving.billing.KINDS) -> HTTP status and the error body's `type`.
@@ -202,8 +210,9 @@ async def analyze(request: Request, key: MeteredKey, body: RequestBody, billing:
     # Both documented in `routes` (their schemas depend on settings and the price file).
     idempotency_key = request.headers.get("idempotency-key")
     priority = parse_priority(request.headers.get(PRIORITY_HEADER))
+    version = request.headers.get(VERSION_HEADER)  # "" is a version not served: a 400
     return answer_response(await billing.analyze(key, body, idempotency_key, x_request_id,
-                                                 priority))
+                                                 priority, version))
 
 
 # A date parameter of /v1/usage: YYYY-MM-DD, or empty for the default (Billing.usage treats
@@ -286,7 +295,8 @@ REPORT_COLUMNS = ["requests", "input_tokens", "output_tokens", "total_tokens", "
 
 async def prometheus_metrics(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
-    metrics.queue_depth.set(request.app.state.components.runner.depth())
+    billing: Billing = request.app.state.billing
+    metrics.queue_depth.set(sum(v.runner.depth() for v in billing.versions.all()))
     return Response(metrics.render(), media_type=PROMETHEUS)
 
 
@@ -296,18 +306,25 @@ async def healthz() -> Dict[str, str]:
 
 async def readyz(request: Request) -> JSONResponse:
     c: Components = request.app.state.components
+    versions: Versions = request.app.state.billing.versions
     writable = await to_thread.run_sync(c.ledger.writable)
+    served = versions.all()
+    loaded = all(v.runner.ready for v in served)
     # A dead worker thread would leave every request waiting: not ready.
-    threads = {"model_runner_alive": c.runner.alive(),
+    threads = {"model_runner_alive": all(v.runner.alive() for v in served),
                "ledger_writer_alive": c.ledger.writer_alive()}
-    ready = c.runner.ready and writable and all(threads.values())
-    return JSONResponse({"ready": ready, "model_loaded": c.runner.ready,
-                         "ledger_writable": writable, **threads, "model": c.runner.info.name,
-                         "model_version": c.runner.info.version},
+    ready = loaded and writable and all(threads.values())
+    r = versions.rollout
+    return JSONResponse({"ready": ready, "model_loaded": loaded,
+                         "ledger_writable": writable, **threads, "model": versions.model,
+                         "model_version": r.stable, "canary_version": r.canary,
+                         "canary_percent": r.canary_percent,
+                         "model_versions": sorted(versions.served)},
                         status_code=200 if ready else 503)
 
 
-def routes(settings: Settings, metered: bool, meter: Meter, price: pricing.Price) -> APIRouter:
+def routes(settings: Settings, metered: bool, meter: Meter, price: pricing.Price,
+           versions: Sequence[str]) -> APIRouter:
     """The routes, documented as this app answers them: the body's maxItems and the
     Idempotency-Key's length come from `settings`, what makes a text from the model's tokenizer
     (`meter`), whether priority can be asked for from the `price`; without metering
@@ -331,7 +348,8 @@ def routes(settings: Settings, metered: bool, meter: Meter, price: pricing.Price
         openapi_extra={"requestBody": {"required": True, "content": {
             JSON: {"schema": analyze_request_schema(
                 settings.max_texts, text_pattern(blank_ranges(meter.tokenizer.to_str())))}}},
-            "parameters": [idempotency, priority_parameter(price.has_priority)]})
+            "parameters": [idempotency, priority_parameter(price.has_priority),
+                           version_parameter(versions)]})
     r.add_api_route("/v1/usage", usage, methods=["GET"], response_model=None,
                     responses=USAGE_RESPONSES, dependencies=auth)
     r.add_api_route("/v1/reports/usage", usage_report, methods=["GET"], response_model=None,
@@ -352,14 +370,56 @@ def routes(settings: Settings, metered: bool, meter: Meter, price: pricing.Price
 
 
 def shared_limiter(s: Settings, metrics: Metrics) -> Optional[SharedRateLimiter]:
-    """Limits in Redis when REDIS_URL is set, its state exported as tokenmeter_limit_store_up."""
-    if not s.redis_url:
+    """The limits' store every replica uses (settings.limit_store: Redis, or PostgreSQL in the
+    ledger's database; None: this process's memory), its state exported as
+    tokenmeter_limit_store_up{store="redis"|"postgres"}. Nothing connects until a key with
+    limits is admitted."""
+    if s.limit_store not in ("redis", "postgres"):
         return None
     up = Gauge("tokenmeter_limit_store_up", "1 while the shared rate-limit store answers; 0: "
-               "each replica limits at its share", registry=metrics.registry)
+               "each replica limits at its share", ["store"],
+               registry=metrics.registry).labels(s.limit_store)
     up.set(1)
-    return SharedRateLimiter(s.redis_url, s.limit_replicas,
-                             on_store=lambda ok: up.set(1 if ok else 0))
+
+    def on_store(ok: bool) -> None:
+        up.set(1 if ok else 0)
+
+    if s.limit_store == "redis":
+        assert s.redis_url  # settings refuse redis without it
+        return RedisRateLimiter(s.redis_url, s.limit_replicas, on_store=on_store)
+    return PgRateLimiter(s.ledger, s.limit_replicas, on_store=on_store)
+
+
+def model_versions(c: Components, metrics: Metrics, watchdog: Watchdog) -> Versions:
+    """The versions this process serves: `c.runner`'s, and those the rollout in the ledger
+    names when `c.load_version` can load them. Each loaded version gets the batch-size hook,
+    the watchdog, and its line in tokenmeter_model_traffic_percent."""
+    name = c.runner.info.name
+    hooked: Dict[str, Served] = {}
+
+    def applied(versions: Versions) -> None:
+        for version, served in versions.served.items():
+            if version not in hooked:
+                hooked[version] = served
+                served.runner.set_batch_hook(metrics.batch_size.observe)
+                label = "model runner" if served is versions.default else \
+                    f"model runner {version}"
+                watchdog.add(Watched(label, served.runner.alive, served.runner.restart))
+        r = versions.rollout
+        for version in versions.served:
+            share = (100 - r.canary_percent if r.canary else 100) if version == r.stable \
+                else (r.canary_percent if version == r.canary else 0)
+            metrics.traffic.labels(name, version).set(share)
+
+    def read_rollout() -> Optional[Rollout]:
+        row = c.ledger.rollout(name)
+        return Rollout(*row) if row is not None else None
+
+    versions = Versions(Served(c.runner, c.meter), c.load_version,
+                        read_rollout if c.load_version is not None else None,
+                        c.settings.rollout_refresh_s, on_change=applied)
+    applied(versions)
+    return versions
 
 
 def create_app(c: Components) -> FastAPI:
@@ -367,24 +427,24 @@ def create_app(c: Components) -> FastAPI:
     metrics = Metrics(c.instance_id, info.name, info.version,
                       c.settings.hardware_usd_per_hour)
     shared = shared_limiter(c.settings, metrics)
+    watchdog = Watchdog([Watched("ledger writer", c.ledger.writer_alive,
+                                 c.ledger.restart_writer)],
+                        on_restart=lambda name: metrics.thread_restarts.labels(name).inc())
+    versions = model_versions(c, metrics, watchdog)
     billing = Billing(c.settings, c.runner, c.ledger, c.meter, c.price, c.instance_id, metrics,
-                      shared=shared)
+                      shared=shared, versions=versions)
     if not billing.metered:
         log.warning("metering is off: answers are not authenticated, limited or billed "
                     "(benchmarks only)")
-    c.runner.set_batch_hook(metrics.batch_size.observe)
-
-    watchdog = Watchdog([Watched("model runner", c.runner.alive, c.runner.restart),
-                         Watched("ledger writer", c.ledger.writer_alive, c.ledger.restart_writer)],
-                        on_restart=lambda name: metrics.thread_restarts.labels(name).inc())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await versions.follow()  # the rollout in the ledger, applied before the first request
         watchdog.start()
         yield
         watchdog.stop()  # first: the threads below end on purpose
         # Drain: the ledger writer commits what is queued before it stops.
-        c.runner.stop()
+        await versions.close()
         c.ledger.stop()
         if shared is not None:
             await shared.close()
@@ -427,5 +487,7 @@ def create_app(c: Components) -> FastAPI:
                                "internal error; the request was not billed")
 
     app.add_middleware(CountRequests, metrics=metrics)
-    app.include_router(routes(c.settings, billing.metered, c.meter, c.price))
+    app.include_router(routes(c.settings, billing.metered, c.meter, c.price,
+                              sorted(versions.served)))
+    app.served_versions = lambda: sorted(versions.served)
     return app

@@ -55,9 +55,11 @@ from serving.ledger import (
 from serving.limits import RateLimiter
 from serving.metering import InputError, Meter, Metered
 from serving.metrics import Metrics
+from serving.openapi import VERSION_HEADER
 from serving.runner import ModelInfo, Overloaded
 from serving.settings import Settings
 from serving.shared_limits import SharedRateLimiter
+from serving.versions import Served, UnknownVersion, Versions
 
 log = logging.getLogger("tokenmeter")
 billing_log = logging.getLogger("tokenmeter.billing")
@@ -199,7 +201,9 @@ def budget_fits(key: KeyRecord, key_spent: Spend, user_spent: Spend, worst: Spen
 
 
 class Billing:
-    """One model, its meter, price, limits and ledger: turns request bodies into billed answers.
+    """One model (its versions, each with its meter), its price, limits and ledger: turns request
+    bodies into billed answers. `runner` and `meter` are the default version's; `versions`, when
+    given, serves more (serving.versions).
 
     `metered=False` (settings.metering "off", benchmarks only) skips key, limits, budgets and
     ledger: the caller passes no key and nothing is billed.
@@ -208,7 +212,8 @@ class Billing:
     def __init__(self, settings: Settings, runner: Runner, ledger: Ledger, meter: Meter,
                  price: pricing.Price, instance_id: str, metrics: Optional[Metrics] = None,
                  limiter: Optional[RateLimiter] = None,
-                 shared: Optional[SharedRateLimiter] = None):
+                 shared: Optional[SharedRateLimiter] = None,
+                 versions: Optional[Versions] = None):
         self.settings, self.runner, self.ledger = settings, runner, ledger
         self.meter, self.price, self.instance_id = meter, price, instance_id
         self.metrics = metrics
@@ -216,6 +221,7 @@ class Billing:
         self.shared = shared  # limits in Redis, shared by the replicas; else this process's
         self.metered = settings.metering != "off"
         self.info = runner.info
+        self.versions = versions or Versions(Served(runner, meter))
         # Bounded staleness, see serving.cache: keys by hash, spend by (owner, id, month).
         self.keys: TtlCache[str, KeyRecord] = TtlCache(settings.key_cache_s)
         self.spend: TtlCache[Tuple[str, str, str], Spend] = TtlCache(settings.key_cache_s)
@@ -258,35 +264,47 @@ class Billing:
             raise invalid("invalid_idempotency_key",
                           f"Idempotency-Key must be 1-{limit} printable ASCII characters")
 
-    def meter_texts(self, texts: Sequence[str], truncate: bool) -> Metered:
+    def route(self, pinned: Optional[str]) -> Served:
+        """The version that answers: the pinned one (Tokenmeter-Model-Version), else the
+        rollout's choice."""
+        try:
+            return self.versions.pick(pinned)
+        except UnknownVersion as exc:
+            raise invalid("unknown_model_version",
+                          f"{VERSION_HEADER} {exc.version[:64]!r} is not served; versions "
+                          f"served: {', '.join(exc.served)}") from None
+
+    def meter_texts(self, texts: Sequence[str], truncate: bool,
+                    served: Optional[Served] = None) -> Metered:
         # On the event-loop thread only: one thread ever uses the tokenizer (HF fast
         # tokenizers are not safe to share across threads), and it takes well under a ms.
         try:
-            return self.meter.meter(texts, truncate)
+            return (served or self.versions.default).meter.meter(texts, truncate)
         except InputError as exc:
             raise Refused(exc.kind, exc.code, exc.message) from None
 
-    def max_output_tokens(self, texts: int) -> int:
-        return self.meter.max_output_tokens_per_text * texts
+    @staticmethod
+    def max_output_tokens(served: Served, texts: int) -> int:
+        return served.meter.max_output_tokens_per_text * texts
 
-    async def limit(self, key: KeyRecord, metered: Metered) -> None:
+    async def limit(self, key: KeyRecord, metered: Metered, served: Served) -> None:
         """RPM and TPM of the key; tokens are counted at their worst case (largest output)."""
         s = self.settings
-        args = (key.id, metered.input_tokens + self.max_output_tokens(len(metered.ids)),
+        args = (key.id, metered.input_tokens + self.max_output_tokens(served, len(metered.ids)),
                 key.rpm or s.default_rpm, key.tpm or s.default_tpm)
         refusal = await self.shared.admit(*args) if self.shared is not None \
             else self.limiter.admit(*args)
         if refusal is not None:
             raise Refused("rate_limit", refusal.code, refusal.message, refusal.retry_after_s)
 
-    async def reserve(self, key: KeyRecord, metered: Metered, ts: str,
+    async def reserve(self, key: KeyRecord, metered: Metered, ts: str, served: Served,
                       priority: bool = False) -> None:
         """Cheap refusal before using the model when the worst case cannot fit the budgets,
         from spend read at most key_cache_s ago; the authority is the conditional update in
         `commit`, so a stale figure can cost a model call, never an overspend."""
         if not key.has_budget:
             return
-        max_out = self.max_output_tokens(len(metered.ids))
+        max_out = self.max_output_tokens(served, len(metered.ids))
         key_spent, user_spent = await self.month_spend(key, period_of(ts))
         # Volume tiers priced from the cached month: a stale (lower) figure prices at a tier
         # at or below the one the commit will use, as tiers are read in ascending tokens.
@@ -310,17 +328,17 @@ class Billing:
     def _read_spend(self, key: KeyRecord, period: str) -> Tuple[Spend, Spend]:
         return self.ledger.spent(key.id, period), self.ledger.user_spent(key.user_id, period)
 
-    async def run(self, metered: Metered, priority: bool = False
+    async def run(self, metered: Metered, served: Served, priority: bool = False
                   ) -> Tuple[List[int], np.ndarray]:
         """Label ids and class probabilities, one row per text; a priority request goes ahead
         of the standard ones queued for the model."""
         try:
-            future = self.runner.submit(metered.ids, priority)
+            future = served.runner.submit(metered.ids, priority)
         except Overloaded:
             raise Refused("overloaded", "overloaded", "the model is overloaded; retry later",
                           retry_after_s=1) from None
         if self.metrics is not None:
-            self.metrics.queue_depth.set(self.runner.depth())
+            self.metrics.queue_depth.set(served.runner.depth())
         try:
             # Bounded like the commit: a runner thread that died holding this job (the
             # watchdog starts a new one) must not leave the request waiting for ever.
@@ -331,9 +349,10 @@ class Billing:
                           "retry later (nothing was billed)", retry_after_s=1) from None
         return [int(i) for i in np.argmax(probs, axis=1)], probs
 
-    def answer(self, event_id: str, label_ids: Sequence[int], probs: np.ndarray,
-               input_tokens: int, output_tokens: int, cost: pricing.Cost) -> str:
-        info, currency = self.info, self.price.currency
+    def answer(self, served: Served, event_id: str, label_ids: Sequence[int],
+               probs: np.ndarray, input_tokens: int, output_tokens: int,
+               cost: pricing.Cost) -> str:
+        info, currency = served.info, self.price.currency
         body = {
             "id": event_id, "model": info.name, "model_version": info.version,
             "results": [{"label": info.labels[i], "score": round(float(p[i]), 6)}
@@ -397,16 +416,22 @@ class Billing:
 
     async def analyze(self, key: Optional[KeyRecord], raw: bytes,
                       idempotency_key: Optional[str] = None,
-                      request_id: Optional[str] = None, priority: bool = False) -> Answer:
+                      request_id: Optional[str] = None, priority: bool = False,
+                      version: Optional[str] = None) -> Answer:
         """A billed answer for one request body, or Refused. `key` is None only unmetered;
-        `priority`: the request asked for the priority tier (it goes first, at a surcharge)."""
+        `priority`: the request asked for the priority tier (it goes first, at a surcharge);
+        `version`: the model version it pins (else the rollout chooses)."""
         t0 = time.perf_counter()
         texts, truncate = self.parse(raw)
         self.check_priority(priority)
+        served = self.route(version)
         if key is None or idempotency_key is None:
-            return await self.bill(t0, key, texts, truncate, None, None, request_id, priority)
+            return await self.bill(t0, key, texts, truncate, None, None, request_id, served,
+                                   priority)
         self.check_idempotency_key(idempotency_key)
-        fingerprint = request_hash(texts, truncate, self.info.name, self.info.version, priority)
+        # The version as asked (pinned or not), not as routed: a retry may meet another
+        # version of a canary split and is still the same request.
+        fingerprint = request_hash(texts, truncate, self.info.name, version or "", priority)
         slot = (key.id, idempotency_key)
         while slot in self.inflight:  # a duplicate of a request still being answered
             try:
@@ -418,7 +443,7 @@ class Billing:
         self.inflight[slot] = mine
         try:
             answer = await self._bill_once(t0, key, texts, truncate, idempotency_key,
-                                           fingerprint, request_id, priority)
+                                           fingerprint, request_id, served, priority)
             mine.set_result(answer)
             return answer
         except BaseException as exc:
@@ -431,40 +456,41 @@ class Billing:
 
     async def _bill_once(self, t0: float, key: KeyRecord, texts: List[str], truncate: bool,
                          idem: str, fingerprint: str, request_id: Optional[str],
-                         priority: bool) -> Answer:
+                         served: Served, priority: bool) -> Answer:
         """The first answer billed under this Idempotency-Key (a replay), or a new one."""
         prior = await self.read(self.ledger.find_idempotent, key.id, idem)
         if prior is not None:
             return replay(prior[0], prior[1], fingerprint)
         return await self.bill(t0, key, texts, truncate, idem, fingerprint, request_id,
-                               priority)
+                               served, priority)
 
     async def bill(self, t0: float, key: Optional[KeyRecord], texts: List[str], truncate: bool,
                    idem: Optional[str], fingerprint: Optional[str],
-                   request_id: Optional[str], priority: bool = False) -> Answer:
-        """Meter, limit, reserve, run, price and commit: a new billed answer."""
-        metered = self.meter_texts(texts, truncate)
+                   request_id: Optional[str], served: Served,
+                   priority: bool = False) -> Answer:
+        """Meter, limit, reserve, run, price and commit: a new billed answer by `served`."""
+        metered = self.meter_texts(texts, truncate, served)
         ts = now_iso()
         if key is not None:
-            await self.limit(key, metered)
-            await self.reserve(key, metered, ts, priority)
-        label_ids, probs = await self.run(metered, priority)
-        output_tokens = self.meter.output_tokens(label_ids)
+            await self.limit(key, metered, served)
+            await self.reserve(key, metered, ts, served, priority)
+        label_ids, probs = await self.run(metered, served, priority)
+        output_tokens = served.meter.output_tokens(label_ids)
         event_id = "evt_" + uuid.uuid4().hex
         if key is None:  # unmetered: nobody's month, so the first volume tier
             cost = pricing.cost(self.price, metered.input_tokens, output_tokens, 0, priority)
-            return Answer(self.answer(event_id, label_ids, probs, metered.input_tokens,
-                                      output_tokens, cost))
+            return Answer(self.answer(served, event_id, label_ids, probs,
+                                      metered.input_tokens, output_tokens, cost))
         latency_us = int((time.perf_counter() - t0) * 1e6)
 
         def priced(month_tokens: int) -> BillingEvent:
             """The row and its answer, priced with the user's tokens earlier this month."""
             cost = pricing.cost(self.price, metered.input_tokens, output_tokens, month_tokens,
                                 priority)
-            body = self.answer(event_id, label_ids, probs, metered.input_tokens,
+            body = self.answer(served, event_id, label_ids, probs, metered.input_tokens,
                                output_tokens, cost)
-            return self.event(event_id, ts, key, metered.input_tokens, output_tokens, cost,
-                              latency_us, (request_id or event_id)[:100], idem, body,
+            return self.event(served, event_id, ts, key, metered.input_tokens, output_tokens,
+                              cost, latency_us, (request_id or event_id)[:100], idem, body,
                               fingerprint)
 
         # Without volume tiers the month does not matter: priced here, off the writer thread.
@@ -475,11 +501,11 @@ class Billing:
             self.record(event, metered.truncated)
         return answer
 
-    def event(self, event_id: str, ts: str, key: KeyRecord, input_tokens: int,
+    def event(self, served: Served, event_id: str, ts: str, key: KeyRecord, input_tokens: int,
               output_tokens: int, cost: pricing.Cost, latency_us: int, request_id: str,
               idem: Optional[str], body: str,
               request_hash: Optional[str] = None) -> BillingEvent:
-        info, price = self.info, self.price
+        info, price = served.info, self.price
         input_rate, output_rate = cost.input_per_1k, cost.output_per_1k  # what was charged
         return BillingEvent(
             id=event_id, ts=ts, key_id=key.id, user_id=key.user_id, model=info.name,
@@ -494,11 +520,11 @@ class Billing:
     def record(self, event: BillingEvent, truncated: int) -> None:
         """Metrics and the billing log line of a billed (not replayed) answer."""
         if self.metrics is not None:
-            m, name = self.metrics, event.model
-            m.billed.labels(name).inc()
-            m.tokens.labels(name, "input").inc(event.input_tokens)
-            m.tokens.labels(name, "output").inc(event.output_tokens)
-            m.cost.labels(name).inc(event.cost_micro)
+            m, name, version = self.metrics, event.model, event.model_version
+            m.billed.labels(name, version).inc()
+            m.tokens.labels(name, version, "input").inc(event.input_tokens)
+            m.tokens.labels(name, version, "output").inc(event.output_tokens)
+            m.cost.labels(name, version).inc(event.cost_micro)
         billing_log.info(json.dumps({
             "event": "billing_event", "id": event.id, "ts": event.ts, "key_id": event.key_id,
             "user": event.user_id, "model": event.model, "model_version": event.model_version,

@@ -1,4 +1,5 @@
-"""Command line: `keys create|list|revoke`, `users budget`, `report`, `verify`, `serve`.
+"""Command line: `keys create|list|revoke`, `users budget`, `report`, `invoice`, `verify`,
+`models status|canary|promote|rollback`, `serve`.
 
 Wires settings, ledger, model and app together; every failure is one line on stderr and a
 non-zero exit, never a traceback. Business rules live in the modules it calls.
@@ -189,6 +190,127 @@ def cmd_invoice(args) -> int:
     return 0
 
 
+# --- model versions: the rollout every replica follows (serving.versions) ---------------------
+def _model(args):
+    """(settings, the model's name, the folder of its versions) from TOKENMETER_MODEL_DIR or
+    --model-dir (any version's directory: its parent holds the others)."""
+    from serving.model_dir import read_card
+
+    s = _settings(args)
+    try:
+        name = str(read_card(s.model_dir)["name"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CliError(f"cannot read the model card in {s.model_dir} ({exc}); set "
+                       "TOKENMETER_MODEL_DIR or --model-dir to an exported version") from None
+    return s, name, Path(s.model_dir).parent
+
+
+def _rollout(ledger: Ledger, name: str, default_version: str):
+    from serving.versions import Rollout
+
+    row = ledger.rollout(name)
+    return Rollout(*row) if row is not None else Rollout(stable=default_version)
+
+
+def _passed_gate(ledger: Ledger, name: str, root: Path, version: str, report: Path) -> str:
+    """The validate gate of `version`, or CliError: the report (when it is about this version)
+    is recorded in the ledger first, so the verdict outlives the file."""
+    from serving.versions import RolloutError, check_version_dir, gate_from_report
+
+    try:
+        check_version_dir(root, name, version)
+    except RolloutError as exc:
+        raise CliError(str(exc)) from None
+    gate = None
+    if report.is_file():
+        try:
+            gate = gate_from_report(json.loads(report.read_text(encoding="utf-8")), name,
+                                    version)
+        except ValueError as exc:
+            raise CliError(f"{report} is not a validate report ({exc})") from None
+    if gate is not None:
+        ledger.set_gate(name, version, gate.passed, gate.detail)
+        passed, detail = gate.passed, gate.detail
+    else:
+        stored = ledger.gate(name, version)
+        if stored is None:
+            raise CliError(f"no validate verdict for {name}/{version}: {report} is about another "
+                           f"version or missing; validate it (export.version: {version} in "
+                           f"params.yaml, dvc repro validate) or pass --report")
+        passed, detail = stored
+    if not passed:
+        raise CliError(f"{name}/{version} did not pass the validate gate and cannot take "
+                       f"traffic ({detail})")
+    return detail
+
+
+def cmd_models_status(args) -> int:
+    from serving.versions import VERSION_RE
+
+    s, name, root = _model(args)
+    ledger = open_ledger_from(s)
+    r = _rollout(ledger, name, Path(s.model_dir).name)
+    on_disk = sorted((p.name for p in root.iterdir() if p.is_dir() and VERSION_RE.match(p.name)),
+                     key=lambda v: (len(v), v))
+    rows = []
+    for v in on_disk:
+        gate = ledger.gate(name, v)
+        role = "stable" if v == r.stable else "canary" if v == r.canary else \
+            "previous" if v == r.previous else ""
+        share = (100 - r.canary_percent if r.canary else 100) if v == r.stable else \
+            r.canary_percent if v == r.canary else 0
+        rows.append({"version": v, "role": role, "traffic_percent": share,
+                     "gate": "" if gate is None else "passed" if gate[0] else "failed"})
+    if args.json:
+        print(json.dumps({"model": name, "stable": r.stable, "canary": r.canary,
+                          "canary_percent": r.canary_percent, "previous": r.previous,
+                          "versions": rows}))
+    else:
+        print(f"{name}: {r.describe()}")
+        print(_table(rows, ["version", "role", "traffic_percent", "gate"]))
+    return 0
+
+
+def _change(args, change, gated: bool = True) -> int:
+    """Apply `change(rollout)` and store it; every replica follows within ROLLOUT_REFRESH_S.
+    With `gated`, a version that gains traffic must have passed the validate gate (a rollback
+    returns to a version that was already serving, without one)."""
+    from serving.versions import RolloutError
+
+    s, name, root = _model(args)
+    ledger = open_ledger_from(s)
+    before = _rollout(ledger, name, Path(s.model_dir).name)
+    try:
+        after = change(before)
+    except RolloutError as exc:
+        raise CliError(str(exc)) from None
+    for version in ({after.stable, after.canary} - {before.stable, None}) if gated else ():
+        detail = _passed_gate(ledger, name, root, str(version), Path(args.report))
+        print(f"{name}/{version}: {detail}", file=sys.stderr)
+    ledger.set_rollout(name, after.stable, after.canary, after.canary_percent, after.previous)
+    print(f"{name}: {after.describe()} (was: {before.describe()}); replicas follow within "
+          f"{s.rollout_refresh_s:g} s")
+    return 0
+
+
+def cmd_models_canary(args) -> int:
+    from serving.versions import start_canary
+
+    return _change(args, lambda r: start_canary(r, args.version, args.percent))
+
+
+def cmd_models_promote(args) -> int:
+    from serving.versions import promote
+
+    return _change(args, lambda r: promote(r, args.version))
+
+
+def cmd_models_rollback(args) -> int:
+    from serving.versions import rollback
+
+    return _change(args, rollback, gated=False)
+
+
 def fetch_metrics(url: str) -> str:
     import httpx
 
@@ -243,18 +365,31 @@ def cmd_serve(args) -> int:
     from serving.metering import Meter
     from serving.model_dir import TOKENIZER_FILE
     from serving.runner import ModelDirError, ModelRunner
+    from serving.versions import Served, check_version_dir
+
+    def load(model_dir: Path) -> Served:
+        print(f"loading model {model_dir} ({s.execution})", file=sys.stderr)
+        runner = ModelRunner(model_dir, execution=s.execution, max_batch=s.max_batch,
+                             max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue_size,
+                             warmup=s.warmup)
+        return Served(runner, Meter(Path(model_dir) / TOKENIZER_FILE, runner.info.max_tokens,
+                                    runner.info.labels))
 
     try:
         ledger = open_ledger_from(s)
-        print(f"loading model {s.model_dir} ({s.execution})", file=sys.stderr)
-        runner = ModelRunner(s.model_dir, execution=s.execution, max_batch=s.max_batch,
-                             max_wait_s=s.max_wait_ms / 1000, queue_size=s.queue_size,
-                             warmup=s.warmup)
+        first = load(Path(s.model_dir))
+        runner, meter = first.runner, first.meter
         price = pricing.price_for(s.pricing_file, runner.info.name)
-        meter = Meter(Path(s.model_dir) / TOKENIZER_FILE, runner.info.max_tokens,
-                      runner.info.labels)
     except (ModelDirError, LedgerError, pricing.PricingError) as exc:
         raise CliError(str(exc)) from None
+
+    def load_version(version: str) -> Served:
+        """Another version, named by the rollout (serving.versions loads it in a thread)."""
+        served = load(check_version_dir(Path(s.model_dir).parent, runner.info.name, version))
+        gc.collect()
+        gc.freeze()  # as below, for this version's objects
+        return served
+
     ledger.start()
     # TF and the loaded model leave ~390,000 long-lived objects that every full collection
     # walks: ~190 ms with the GIL held, stalling the event loop and the model thread alike.
@@ -262,7 +397,7 @@ def cmd_serve(args) -> int:
     gc.collect()
     gc.freeze()
     instance = s.instance_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-    app = create_app(Components(s, runner, ledger, meter, price, instance))
+    app = create_app(Components(s, runner, ledger, meter, price, instance, load_version))
 
     import uvicorn
 
@@ -329,6 +464,29 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="reconcile the ledger with a running process's /metrics")
     v.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000")
     v.set_defaults(func=cmd_verify)
+
+    models = sub.add_parser("models", help="model versions: which one answers (the rollout "
+                                           "every replica follows, without a restart)")
+    models.add_argument("--model-dir", help="any exported version of the model (default: "
+                                            "$TOKENMETER_MODEL_DIR); its parent holds the others")
+    ms = models.add_subparsers(dest="models_command", required=True)
+    st = ms.add_parser("status", help="the rollout and the versions on disk")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_models_status)
+    report_help = ("the validate stage's report (default: metrics/validate.json); its verdict "
+                   "on the version is recorded, and a version that failed cannot take traffic")
+    ca = ms.add_parser("canary", help="send a share of unpinned requests to a version")
+    ca.add_argument("version")
+    ca.add_argument("--percent", type=count, required=True, help="0 to 100 (0: pinned only)")
+    ca.add_argument("--report", default="metrics/validate.json", help=report_help)
+    ca.set_defaults(func=cmd_models_canary)
+    pr = ms.add_parser("promote", help="make the canary (or VERSION) the stable version")
+    pr.add_argument("version", nargs="?")
+    pr.add_argument("--report", default="metrics/validate.json", help=report_help)
+    pr.set_defaults(func=cmd_models_promote)
+    rb = ms.add_parser("rollback", help="withdraw the canary; without one, return to the "
+                                        "version stable before the last promotion")
+    rb.set_defaults(func=cmd_models_rollback, report="metrics/validate.json")
 
     sv = sub.add_parser("serve", help="run the endpoint under uvicorn")
     sv.add_argument("--host")

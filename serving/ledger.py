@@ -131,6 +131,24 @@ MIGRATIONS: List[Tuple[int, List[str]]] = [
         # which were all standard.
         "ALTER TABLE billing_events ADD COLUMN price_tier TEXT",
     ]),
+    (6, [
+        # Which version of a model answers unpinned requests (serving.versions.Rollout), read
+        # by every replica; and the validate gate's verdict per version (what may be promoted).
+        """CREATE TABLE IF NOT EXISTS rollouts (
+            model TEXT PRIMARY KEY,
+            stable TEXT NOT NULL,
+            canary TEXT,
+            canary_percent INTEGER NOT NULL DEFAULT 0,
+            previous TEXT,
+            updated_at TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS model_gates (
+            model TEXT NOT NULL,
+            version TEXT NOT NULL,
+            passed INTEGER NOT NULL,
+            detail TEXT NOT NULL,
+            recorded_at TEXT NOT NULL,
+            PRIMARY KEY (model, version))""",
+    ]),
 ]
 
 
@@ -466,6 +484,35 @@ class Ledger:
                       " budget_micro_usd = excluded.budget_micro_usd,"
                       " budget_tokens = excluded.budget_tokens",
                       (user_id, budget_micro_usd, budget_tokens))])
+
+    # -- model versions (serving.versions owns the rules; these are its rows) ----------------
+    def rollout(self, model: str) -> Optional[Tuple[str, Optional[str], int, Optional[str]]]:
+        """(stable, canary, canary_percent, previous) of a model; None: never set."""
+        rows = self._query("SELECT stable, canary, canary_percent, previous FROM rollouts"
+                           " WHERE model = ?", (model,))
+        return (rows[0][0], rows[0][1], int(rows[0][2]), rows[0][3]) if rows else None
+
+    def set_rollout(self, model: str, stable: str, canary: Optional[str], canary_percent: int,
+                    previous: Optional[str]) -> None:
+        self._write([("INSERT INTO rollouts (model, stable, canary, canary_percent, previous,"
+                      " updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET"
+                      " stable = excluded.stable, canary = excluded.canary,"
+                      " canary_percent = excluded.canary_percent,"
+                      " previous = excluded.previous, updated_at = excluded.updated_at",
+                      (model, stable, canary, canary_percent, previous, now_iso()))])
+
+    def gate(self, model: str, version: str) -> Optional[Tuple[bool, str]]:
+        """(passed, detail) of the validate gate recorded for a version; None: none."""
+        rows = self._query("SELECT passed, detail FROM model_gates WHERE model = ? AND"
+                           " version = ?", (model, version))
+        return (bool(rows[0][0]), str(rows[0][1])) if rows else None
+
+    def set_gate(self, model: str, version: str, passed: bool, detail: str) -> None:
+        self._write([("INSERT INTO model_gates (model, version, passed, detail, recorded_at)"
+                      " VALUES (?, ?, ?, ?, ?) ON CONFLICT (model, version) DO UPDATE SET"
+                      " passed = excluded.passed, detail = excluded.detail,"
+                      " recorded_at = excluded.recorded_at",
+                      (model, version, int(passed), detail, now_iso()))])
 
     def start(self) -> None:
         with self._writer_lock:

@@ -1,6 +1,6 @@
 """Prometheus metrics of one endpoint process, on its own registry: requests by status, billed
 tokens and cost, latency, batch size and queue depth. Labels are bounded (route, status code,
-model); no per-user or per-key labels, which would grow without limit.
+model, version); no per-user or per-key labels, which would grow without limit.
 """
 
 from __future__ import annotations
@@ -48,14 +48,19 @@ class Metrics:
             .info({"instance_id": instance_id, "model": model, "model_version": version})
         self.requests = Counter("tokenmeter_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=r)
+        # By model and version: a canary's tokens and cost are told apart from the stable's.
         self.billed = Counter("tokenmeter_billed_requests",
-                              "Requests written to the ledger by this process", ["model"],
-                              registry=r)
-        self.tokens = Counter("tokenmeter_billed_tokens", "Billed tokens", ["model", "direction"],
-                              registry=r)
+                              "Requests written to the ledger by this process",
+                              ["model", "version"], registry=r)
+        self.tokens = Counter("tokenmeter_billed_tokens", "Billed tokens",
+                              ["model", "version", "direction"], registry=r)
         # Integer micro-USD, so the counter sums exactly (a float of whole numbers < 2**53).
         self.cost = Counter("tokenmeter_billed_cost_micro_usd", "Billed cost in micro-USD",
-                            ["model"], registry=r)
+                            ["model", "version"], registry=r)
+        # The rollout this process applies: each loaded version's share of unpinned requests.
+        self.traffic = Gauge("tokenmeter_model_traffic_percent",
+                             "Percent of unpinned requests routed to each loaded version",
+                             ["model", "version"], registry=r)
         self.latency = Histogram("tokenmeter_request_latency_seconds",
                                  "Latency of /v1/analyze answers", ["status"], registry=r,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))

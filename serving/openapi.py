@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import unicodedata
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from fastapi import FastAPI
 from fastapi.security import HTTPBearer
@@ -168,7 +168,10 @@ class Readiness(BaseModel):
     model_runner_alive: bool
     ledger_writer_alive: bool
     model: str
-    model_version: str
+    model_version: str = Field(description="the stable version")
+    canary_version: Optional[str] = None
+    canary_percent: int = Field(0, description="the canary's share of unpinned requests")
+    model_versions: List[str] = Field(description="every version loaded (any may be pinned)")
 
 
 class ErrorDetail(BaseModel):
@@ -218,6 +221,20 @@ def priority_parameter(available: bool) -> Dict[str, Any]:
                        "enum": ["standard", "high"] if available else ["standard"]}}
 
 
+VERSION_HEADER = "Tokenmeter-Model-Version"
+
+
+def version_parameter(served: Sequence[str]) -> Dict[str, Any]:
+    """The header that pins a model version (serving.versions). The versions served change with
+    the rollout: DocumentedApp rewrites the enum each time the document is asked for."""
+    return {"name": VERSION_HEADER, "in": "header", "required": False,
+            "description": "A version of the model to answer (e.g. `2`), whatever the rollout "
+                           "says; a version this endpoint does not serve is a 400 "
+                           "unknown_model_version naming the ones it does. Absent: the stable "
+                           "version, or the canary for its share of requests.",
+            "schema": {"type": "string", "enum": list(served)}}
+
+
 ANALYZE_RESPONSES: Responses = {
     200: {"description": "the answer, billed; `Idempotent-Replayed: true` on a replay of an "
                          "earlier answer (not billed again)",
@@ -234,7 +251,8 @@ ANALYZE_RESPONSES: Responses = {
         400: "invalid_json, invalid_body, missing_text, empty_text, invalid_text, "
              "invalid_texts, too_many_texts, body_too_large, ambiguous_input, unknown_field, "
              "invalid_truncate, invalid_idempotency_key, invalid_content_length, "
-             "invalid_priority, priority_unavailable (this model has no priority tier)",
+             "invalid_priority, priority_unavailable (this model has no priority tier), "
+             "unknown_model_version (Tokenmeter-Model-Version names a version not served)",
         401: _UNAUTHENTICATED,
         409: "idempotency_key_reused: the Idempotency-Key was used for another request",
         413: "input_too_long: a text longer than the model's maximum tokens (without truncate)",
@@ -304,9 +322,23 @@ bearer = HTTPBearer(auto_error=False, description="an API key made with `keys cr
 
 class DocumentedApp(FastAPI):
     """FastAPI whose document lists no 422 (a validation error is answered 400 here, by
-    `_validation_error`, and each route documents its 400) and no nullable parameter."""
+    `_validation_error`, and each route documents its 400) and no nullable parameter; and
+    whose Tokenmeter-Model-Version lists the versions `served_versions()` says are served now."""
+
+    served_versions: Optional[Callable[[], List[str]]] = None
 
     def openapi(self) -> Dict[str, Any]:
+        doc = self._document()
+        if self.served_versions is not None:
+            served = self.served_versions()
+            for path in doc.get("paths", {}).values():
+                for op in path.values():
+                    for param in op.get("parameters", []):
+                        if param.get("name") == VERSION_HEADER:
+                            param["schema"]["enum"] = served
+        return doc
+
+    def _document(self) -> Dict[str, Any]:
         if self.openapi_schema is not None:
             return self.openapi_schema
         doc = super().openapi()  # built once, cached in self.openapi_schema (this same dict)

@@ -66,14 +66,24 @@ class Settings(BaseSettings):
     # ledger (0: always ask). A key revoked in the database is refused at most this late.
     key_cache_s: float = Field(5.0, ge=0)
 
+    # How often each process re-reads the model rollout (stable/canary versions) from the
+    # ledger (serving.versions): a promote or rollback reaches every replica within this.
+    rollout_refresh_s: float = Field(5.0, gt=0)
+
     # Defaults for keys created without their own limits (0 = unlimited).
     default_rpm: int = Field(0, ge=0)
     default_tpm: int = Field(0, ge=0)
-    # RPM/TPM shared by every replica (serving.shared_limits): a redis:// URL; unset, each
-    # process limits on its own. LIMIT_REPLICAS: how many replicas share the limits; while
+    # RPM/TPM shared by every replica (serving.shared_limits): a redis:// URL; unset, see
+    # limit_store below. LIMIT_REPLICAS: how many replicas share the limits; while
     # Redis does not answer, each limits at 1/LIMIT_REPLICAS of every limit.
     redis_url: Optional[str] = None
     limit_replicas: int = Field(1, ge=1)
+    # Where the limits every replica shares live: auto | memory | redis | postgres. auto:
+    # Redis if REDIS_URL is set, else PostgreSQL (serving.pg_limits, in the ledger's database)
+    # when the ledger is a postgresql:// DSN, else memory (each process its own). Resolved
+    # here, so the field never reads "auto" once loaded. Declared after ledger and redis_url
+    # so the check below can see them.
+    limit_store: str = "auto"
 
     # Benchmarking only (the metering-overhead figure): "off" answers without key, limits,
     # budgets or ledger, so nothing is billed. Refused unless ALLOW_UNMETERED is also set,
@@ -110,6 +120,22 @@ class Settings(BaseSettings):
     def _ledger(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must be a SQLite file path or a postgresql:// DSN")
+        return v
+
+    @field_validator("limit_store")
+    @classmethod
+    def _limit_store(cls, v: str, info: ValidationInfo) -> str:
+        redis_url = info.data.get("redis_url")
+        on_pg = str(info.data.get("ledger", "")).startswith(("postgresql://", "postgres://"))
+        if v == "auto":
+            return "redis" if redis_url else "postgres" if on_pg else "memory"
+        if v not in ("memory", "redis", "postgres"):
+            raise ValueError("must be one of auto, memory, redis, postgres")
+        if v == "redis" and not redis_url:
+            raise ValueError("redis needs TOKENMETER_REDIS_URL")
+        if v == "postgres" and not on_pg:
+            raise ValueError("postgres needs a PostgreSQL ledger (TOKENMETER_LEDGER="
+                             "postgresql://...)")
         return v
 
 

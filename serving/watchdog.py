@@ -32,6 +32,11 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
+    def add(self, watched: Watched) -> None:
+        """Watch one more thread (a model version loaded while serving)."""
+        self.restarts.setdefault(watched.name, 0)
+        self.watched = self.watched + [watched]  # a new list: the loop may be iterating
+
     def check(self) -> List[str]:
         """Restart every watched thread found dead; their names."""
         restarted = []

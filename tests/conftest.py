@@ -50,6 +50,15 @@ def ws_copy(smoke_ws, tmp_path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="session")
+def model_dir(request) -> Path:
+    """The smoke model; TOKENMETER_TEST_MODEL_DIR reuses one already built (saves a minute)."""
+    given = os.environ.get("TOKENMETER_TEST_MODEL_DIR")
+    if given:
+        return Path(given)
+    return request.getfixturevalue("smoke_ws") / "models" / "sentiment" / "1"
+
+
 def _container_engine_problem() -> str:
     """Why the `container` tests cannot run here ('' when they can). Building the debian base
     needs root; an image built before (TOKENMETER_TEST_IMAGE) needs only an engine to run."""

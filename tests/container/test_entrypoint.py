@@ -358,3 +358,42 @@ def test_any_other_command_runs_as_given(box):
 
 def test_failing_command_passes_its_status_through(box):
     assert box.run("bash", "-c", "exit 7").returncode == 7
+
+
+CLUSTER = ('{"cluster": {"worker": ["10.0.0.1:12345", "10.0.0.2:12345"]}, '
+           '"task": {"type": "worker", "index": 1}}')
+
+
+def test_worker_runs_the_train_stage_in_the_workspace_with_tf_config(box):
+    # The stand-in keeps the TF_CONFIG it was given.
+    box.fake("python3", f'printf %s "$TF_CONFIG" > "{box.out}/tf_config"')
+    result = box.run("worker", TF_CONFIG=CLUSTER)
+    assert result.returncode == 0, result.stderr
+    py = box.called("python3")
+    assert py["arg"] == ["-m", "pipeline.train"]
+    assert py["cwd"] == [str(box.workspace)]
+    assert (box.out / "tf_config").read_text() == CLUSTER
+    assert (box.run_dir / "mode").read_text().strip() == "worker"
+
+
+def test_worker_passes_the_trainings_status_through(box):
+    box.fake("python3", "exit 2")  # e.g. a bad TF_CONFIG, reported by the stage itself
+    assert box.run("worker", TF_CONFIG=CLUSTER).returncode == 2
+
+
+@pytest.mark.parametrize("tf_config", [None, "", "  "], ids=["unset", "empty", "blank"])
+def test_worker_refuses_without_tf_config(box, tf_config):
+    result = box.run("worker", TF_CONFIG=tf_config)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: TF_CONFIG is unset or empty") and '"task"' in line, line
+    assert box.called("python3") == {}
+    assert not (box.run_dir / "mode").exists()
+
+
+def test_worker_refuses_arguments(box):
+    result = box.run("worker", "--epochs", "2", TF_CONFIG=CLUSTER)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "worker takes no arguments" in line and "TF_CONFIG" in line, line
+    assert box.called("python3") == {}

@@ -98,15 +98,6 @@ class Server(Process):
         return out
 
 
-@pytest.fixture(scope="session")
-def model_dir(request) -> Path:
-    """The smoke model; TOKENMETER_TEST_MODEL_DIR reuses one already built (saves a minute)."""
-    given = os.environ.get("TOKENMETER_TEST_MODEL_DIR")
-    if given:
-        return Path(given)
-    return request.getfixturevalue("smoke_ws") / "models" / "sentiment" / "1"
-
-
 @pytest.fixture(scope="module")
 def runner(model_dir):
     """The real model runner in this process (no warm-up), one per test module."""

@@ -204,7 +204,7 @@ def test_an_idempotency_key_reused_for_another_request_is_a_conflict_and_not_bil
         == first.body
     # The same holds when the other request reaches the commit first (a concurrent race):
     # the ledger's unique key reports the duplicate with the first request's hash.
-    racing = billing.event("evt_" + "0" * 32, now_iso(), key, 3, 1,
+    racing = billing.event(billing.versions.default, "evt_" + "0" * 32, now_iso(), key, 3, 1,
                            cost(billing.price, 3, 1), 1, "race", "k-1", "{}")
     racing.request_hash = "not-the-first-request"
     r = refusal(billing.commit(racing, key))

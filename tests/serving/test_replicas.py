@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List
@@ -18,24 +16,15 @@ import httpx
 import psycopg
 import pytest
 
-from pipeline.benchmark.process import Process, free_port
+from pipeline.benchmark.cluster import Cluster
+from pipeline.benchmark.process import ProcessError
 from pipeline.benchmark.scratch_db import scratch_database
-from tests.serving.conftest import PG_ENV, ROOT, Server, make_key, priciest_text
+from tests.serving.conftest import PG_ENV, Server, make_key, priciest_text
 from tests.serving.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.haproxy]
 
 REPLICAS = 3
-
-
-def haproxy_config(front: int, backends: List[int]) -> str:
-    """The committed config with this run's ports."""
-    text = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text(encoding="utf-8")
-    text = text.replace("bind 127.0.0.1:8000", f"bind 127.0.0.1:{front}")
-    for i, port in enumerate(backends, 1):
-        text = re.sub(rf"server r{i} 127\.0\.0\.1:\d+", f"server r{i} 127.0.0.1:{port}", text)
-    assert text.count("server r") == len(backends)
-    return text
 
 
 @pytest.fixture(scope="module")
@@ -48,25 +37,19 @@ def cluster(model_dir, facts, tmp_path_factory):
 def _cluster(model_dir, facts, pg_dsn: str, d: Path):
     redis = RedisServer(d).start()
     env = {"TOKENMETER_REDIS_URL": redis.url, "TOKENMETER_LIMIT_REPLICAS": str(REPLICAS)}
-    servers = [Server(model_dir, pg_dsn, d / f"r{i}.log", env=env).launch()
-               for i in range(REPLICAS)]
-    front = free_port()
-    cfg = d / "haproxy.cfg"
-    cfg.write_text(haproxy_config(front, [s.port for s in servers]), encoding="utf-8")
-    exe = shutil.which("haproxy")
-    assert exe is not None
-    balancer = Process([exe, "-f", str(cfg), "-db"], d / "haproxy.log", what="haproxy")
+    servers = [Server(model_dir, pg_dsn, d / f"r{i}.log", env=env) for i in range(REPLICAS)]
+    # deploy/haproxy/haproxy.cfg with this run's ports (pipeline.benchmark.cluster).
+    balanced = Cluster(servers, d)
     try:
-        for s in servers:
-            s.wait_ready()
-        balancer.launch().wait_http(front, "/readyz", 60)
-        url = f"http://127.0.0.1:{front}"
+        try:
+            balanced.start()
+        except ProcessError as exc:
+            raise AssertionError(f"{exc}: {exc.tail()}") from None
+        url = balanced.url
         text, per = priciest_text(url, make_key(pg_dsn, "u-probe"), facts)
         yield {"url": url, "servers": servers, "dsn": pg_dsn, "text": text, "per": per}
     finally:
-        balancer.stop()
-        for s in servers:
-            s.stop()
+        balanced.stop()
         redis.stop()
 
 

@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional
 import pytest
 
 from serving.limits import RateLimiter, Refusal
-from serving.shared_limits import SharedRateLimiter
+from serving.shared_limits import RedisRateLimiter
 from tests.serving.conftest import free_port
 from tests.serving.redis_server import RedisServer
 
@@ -40,8 +40,8 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def replicas(url: str, n: int, **kw) -> List[SharedRateLimiter]:
-    return [SharedRateLimiter(url, replicas=n, **kw) for _ in range(n)]
+def replicas(url: str, n: int, **kw) -> List[RedisRateLimiter]:
+    return [RedisRateLimiter(url, replicas=n, **kw) for _ in range(n)]
 
 
 def test_replicas_share_one_rpm_and_one_tpm(redis_server):
@@ -99,7 +99,7 @@ def test_a_store_that_never_answered_is_the_same_fallback(tmp_path):
     """REDIS_URL pointing at nothing (a typo, Redis not started yet): the replica serves at
     its share instead of failing every request, and each try costs at most the timeout."""
     async def scenario():
-        lim = SharedRateLimiter(f"redis://127.0.0.1:{free_port()}/0", replicas=2,
+        lim = RedisRateLimiter(f"redis://127.0.0.1:{free_port()}/0", replicas=2,
                                 timeout_s=0.2, retry_s=60)
         t0 = time.monotonic()
         out = [await lim.admit("k", 1, 4, 0) for _ in range(5)]
