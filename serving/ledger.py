@@ -570,22 +570,25 @@ class Ledger:
                 return CommitResult("duplicate", rows[0][0], rows[0][1])
             self._exec(conn, RELEASE_IDEMPOTENT, (e.key_id, e.idempotency_key, cutoff))
         period = period_of(e.ts)
+        user_row = False  # whether the user's spend row is known to exist (and locked, on PG)
         if p.reprice is not None:
             self._exec(conn, ENSURE_USER_SPEND, (e.user_id, period))
             row = self._exec(conn, self.month_tokens_sql, (e.user_id, period)).fetchone()
             e = p.event = p.reprice(int(row[0]))
+            user_row = True
         tokens = e.input_tokens + e.output_tokens
 
-        def spend(ensure: str, update: str, owner: str) -> bool:
+        def spend(ensure: Optional[str], update: str, owner: str) -> bool:
             """Add this event to one spend row unless that would pass its budget."""
-            self._exec(conn, ensure, (owner, period))
+            if ensure is not None:
+                self._exec(conn, ensure, (owner, period))
             return self._exec(conn, update, (
                 e.cost_micro, tokens, owner, period, e.cost_micro, owner, NO_LIMIT,
                 tokens, owner, NO_LIMIT)).rowcount == 1
 
         # User row before key row, groups sorted by (user, key): every transaction takes the
         # row locks in one global order, so two PostgreSQL writers cannot deadlock.
-        if not spend(ENSURE_USER_SPEND, USER_SPEND, e.user_id):
+        if not spend(None if user_row else ENSURE_USER_SPEND, USER_SPEND, e.user_id):
             return CommitResult("insufficient_quota")
         if not spend(ENSURE_SPEND, SPEND, e.key_id):
             return CommitResult("insufficient_quota")

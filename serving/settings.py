@@ -122,6 +122,15 @@ class Settings(BaseSettings):
             raise ValueError("must be a SQLite file path or a postgresql:// DSN")
         return v
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: Optional[str]) -> Optional[str]:
+        # Refused here, at start-up, not by the first request's connection attempt.
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL, e.g. "
+                             "redis://127.0.0.1:6379/0")
+        return v or None
+
     @field_validator("limit_store")
     @classmethod
     def _limit_store(cls, v: str, info: ValidationInfo) -> str:

@@ -7,6 +7,7 @@ empty)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -53,6 +54,22 @@ def cli(ledger: str, *args: str, env: Optional[Dict[str, str]] = None,
     if check:
         assert r.returncode == 0, r.stderr[-2000:]
     return r
+
+
+def post_all(urls: Sequence[str], keys: Sequence[str], n: int, body: object = None, *,
+             content: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None,
+             timeout: float = 120) -> List[httpx.Response]:
+    """`n` POST /v1/analyze sent at once, one connection each: request i goes to
+    urls[i % len(urls)] with keys[i % len(keys)]; `body` as JSON, or `content` as it is."""
+    async def send() -> List[httpx.Response]:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n),
+                                     timeout=timeout) as c:
+            return await asyncio.gather(*[
+                c.post(urls[i % len(urls)] + "/v1/analyze", json=body, content=content,
+                       headers={"Authorization": f"Bearer {keys[i % len(keys)]}",
+                                **(headers or {})}) for i in range(n)])
+
+    return asyncio.run(send())
 
 
 def make_key(ledger: str, user: str, *extra: str) -> str:

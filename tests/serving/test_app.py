@@ -5,7 +5,6 @@ write nothing. Token counts, prices and limits come from the model's own files (
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import time
@@ -15,7 +14,7 @@ from typing import Dict, List
 import httpx
 import pytest
 
-from tests.serving.conftest import ModelFacts, Server, cli, make_key, priciest_text
+from tests.serving.conftest import ModelFacts, Server, cli, make_key, post_all, priciest_text
 
 pytestmark = pytest.mark.slow
 
@@ -208,18 +207,10 @@ def test_idempotency_key_retry_returns_the_same_body_and_bills_once(env):
     assert key_rows(env, "u-idem") == 2
 
 
-async def _burst(url: str, key: str, n: int, body) -> List[httpx.Response]:
-    limits = httpx.Limits(max_connections=n)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
-        return await asyncio.gather(*[
-            client.post(url + "/v1/analyze", json=body,
-                        headers={"Authorization": f"Bearer {key}"}) for _ in range(n)])
-
-
 def test_50_concurrent_requests_at_a_budget_edge_never_overspend(env, facts):
     text, per = priciest(env, facts)
     key = make_key(env.ledger, "u-budget", "--budget-usd", f"{usd(10 * per):.6f}")
-    responses = asyncio.run(_burst(env.url, key, 50, {"text": text}))
+    responses = post_all([env.url], [key], 50, {"text": text})
     codes = [r.status_code for r in responses]
     assert codes.count(200) == 10, codes
     assert codes.count(429) == 40

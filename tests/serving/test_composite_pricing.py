@@ -10,19 +10,18 @@ same figure."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import sqlite3
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import httpx
 import pytest
 import yaml
 
-from tests.serving.conftest import ModelFacts, Server, cli, make_key, priciest_text
+from tests.serving.conftest import ModelFacts, Server, cli, make_key, post_all, priciest_text
 
 pytestmark = pytest.mark.slow
 
@@ -62,14 +61,6 @@ def micro(n_in: int, n_out: int, tier: str) -> int:
 
 def headers(key: str, **extra: str) -> Dict[str, str]:
     return {"Authorization": f"Bearer {key}", **extra}
-
-
-async def _concurrently(urls: Sequence[str], keys: Sequence[str], text: str, n: int
-                        ) -> List[httpx.Response]:
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n), timeout=120) as c:
-        return await asyncio.gather(*[
-            c.post(urls[i % len(urls)] + "/v1/analyze", json={"text": text},
-                   headers=headers(keys[i % len(keys)])) for i in range(n)])
 
 
 def standard_requests(tokens_each: int) -> int:
@@ -123,7 +114,7 @@ def test_concurrent_requests_cross_the_volume_edge_exactly_and_invoice_by_tier(s
     server, prices, text = served
     keys = [make_key(server.ledger, "u-volume") for _ in range(2)]  # one user, two keys
     n = standard_requests(facts.input_tokens([text]) + facts.max_output_tokens) + 8
-    responses = asyncio.run(_concurrently([server.url], keys, text, n))
+    responses = post_all([server.url], keys, n, {"text": text})
     rows = ledger_rows(server.ledger, "u-volume")
     assert len(rows) == n
     check_volume_run(responses, rows, text, facts.max_output_tokens, facts)
@@ -221,7 +212,7 @@ def test_two_processes_price_one_user_s_month_one_request_after_another(model_di
         text, _ = priciest_text(servers[0].url, make_key(pg_dsn, "u-probe"), facts)
         keys = [make_key(pg_dsn, "u-pg-volume") for _ in range(2)]
         n = standard_requests(facts.input_tokens([text]) + facts.max_output_tokens) + 16
-        responses = asyncio.run(_concurrently([s.url for s in servers], keys, text, n))
+        responses = post_all([s.url for s in servers], keys, n, {"text": text})
         import psycopg
 
         with psycopg.connect(pg_dsn) as conn:

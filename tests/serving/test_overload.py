@@ -4,28 +4,17 @@ contract), and only the 200s are billed."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 
-import httpx
 import pytest
 
-from tests.serving.conftest import Server, make_key
+from tests.serving.conftest import Server, make_key, post_all
 
 pytestmark = pytest.mark.slow
 
 BURST = 48
 TEXTS = 32  # the default TOKENMETER_MAX_TEXTS
-
-
-async def _burst(url: str, key: str, body: bytes, n: int):
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n), timeout=300) as c:
-        return await asyncio.gather(*[
-            c.post(url + "/v1/analyze", content=body,
-                   headers={"Authorization": f"Bearer {key}",
-                            "Content-Type": "application/json"})
-            for _ in range(n)])
 
 
 def test_full_queue_answers_503_and_bills_only_the_200s(model_dir, facts, tmp_path):
@@ -39,7 +28,8 @@ def test_full_queue_answers_503_and_bills_only_the_200s(model_dir, facts, tmp_pa
                          "TOKENMETER_MAX_TEXTS": str(TEXTS)}).start()
     body = json.dumps({"texts": [facts.too_long_text()] * TEXTS, "truncate": True}).encode()
     try:
-        responses = asyncio.run(_burst(server.url, key, body, BURST))
+        responses = post_all([server.url], [key], BURST, content=body, timeout=300,
+                             headers={"Content-Type": "application/json"})
     finally:
         server.stop()
     codes = [r.status_code for r in responses]

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from serving.limits import Refusal
 from serving.pg_limits import LOCK_CLASS, TABLE, PgRateLimiter
 from serving.settings import Settings
-from tests.serving.conftest import free_port
+from tests.serving.conftest import cli, free_port
 from tests.serving.tcp_proxy import CommitCuttingProxy
 
 NOWHERE = "postgresql://tokenmeter@127.0.0.1:{port}/tokenmeter"
@@ -243,6 +243,20 @@ def test_limit_store_refuses_what_cannot_work(clean_env, ledger, redis_url, stor
         Settings(ledger=ledger, redis_url=redis_url, limit_store=store)
     assert says in str(err.value)
     assert "limit_store" in str(err.value)
+
+
+def test_a_malformed_redis_url_stops_the_start_before_the_model_loads(clean_env, tmp_path):
+    with pytest.raises(ValidationError, match="must be a redis://"):
+        Settings(redis_url="127.0.0.1:6379")
+    # The command names the setting, though the model directory does not exist either: the
+    # settings are checked first, so a typo costs no model load.
+    r = cli(str(tmp_path / "ledger.sqlite3"), "serve", env={
+        "TOKENMETER_REDIS_URL": "127.0.0.1:6379",
+        "TOKENMETER_MODEL_DIR": str(tmp_path / "no-model")}, check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: settings: TOKENMETER_REDIS_URL: Value error, must be a redis://, rediss:// or "
+        "unix:// URL, e.g. redis://127.0.0.1:6379/0"]
 
 
 def test_shared_limiter_builds_the_chosen_store_without_connecting(clean_env):

@@ -5,25 +5,16 @@ empty."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from decimal import Decimal
-from typing import List
 
 import httpx
 import psycopg
 import pytest
 
-from tests.serving.conftest import Server, cli, make_key, priciest_text
+from tests.serving.conftest import Server, cli, make_key, post_all, priciest_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-
-
-async def _spread(urls: List[str], key: str, text: str, n: int) -> List[httpx.Response]:
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n), timeout=120) as c:
-        return await asyncio.gather(*[
-            c.post(urls[i % len(urls)] + "/v1/analyze", json={"text": text},
-                   headers={"Authorization": f"Bearer {key}"}) for i in range(n)])
 
 
 def test_two_processes_share_one_budget_and_never_overspend(model_dir, facts, pg_dsn,
@@ -37,7 +28,7 @@ def test_two_processes_share_one_budget_and_never_overspend(model_dir, facts, pg
         text, per = priciest_text(servers[0].url, make_key(pg_dsn, "u-probe"), facts)
         budget = Decimal(10 * per) / 10 ** 6
         key = make_key(pg_dsn, "u-pg", "--budget-usd", f"{budget:.6f}")
-        responses = asyncio.run(_spread([s.url for s in servers], key, text, 50))
+        responses = post_all([s.url for s in servers], [key], 50, {"text": text})
         codes = [r.status_code for r in responses]
         assert codes.count(200) == 10, codes
         assert codes.count(429) == 40

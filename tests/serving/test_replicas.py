@@ -19,7 +19,7 @@ import pytest
 from pipeline.benchmark.cluster import Cluster
 from pipeline.benchmark.process import ProcessError
 from pipeline.benchmark.scratch_db import scratch_database
-from tests.serving.conftest import PG_ENV, Server, make_key, priciest_text
+from tests.serving.conftest import PG_ENV, Server, make_key, post_all, priciest_text
 from tests.serving.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis, pytest.mark.haproxy]
@@ -53,13 +53,6 @@ def _cluster(model_dir, facts, pg_dsn: str, d: Path):
         redis.stop()
 
 
-async def _burst(url: str, key: str, text: str, n: int) -> List[httpx.Response]:
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=n), timeout=120) as c:
-        return await asyncio.gather(*[
-            c.post(url + "/v1/analyze", json={"text": text},
-                   headers={"Authorization": f"Bearer {key}"}) for _ in range(n)])
-
-
 def rows(dsn: str, user: str) -> List[tuple]:
     with psycopg.connect(dsn) as conn:
         return conn.execute("SELECT instance_id, idempotency_key FROM billing_events"
@@ -68,7 +61,7 @@ def rows(dsn: str, user: str) -> List[tuple]:
 
 def test_a_key_s_rpm_holds_across_the_replicas(cluster):
     key = make_key(cluster["dsn"], "u-rpm", "--rpm", "10")
-    out = asyncio.run(_burst(cluster["url"], key, cluster["text"], 25))
+    out = post_all([cluster["url"]], [key], 25, {"text": cluster["text"]})
     codes = Counter(r.status_code for r in out)
     assert codes == {200: 10, 429: 15}, codes
     assert {r.json()["error"]["code"] for r in out if r.status_code == 429} == \
@@ -83,7 +76,7 @@ def test_a_key_s_tpm_holds_across_the_replicas(cluster, facts):
     # what a request uses, so a TPM of four requests' tokens admits four.
     tokens = facts.input_tokens([cluster["text"]]) + facts.max_output_tokens
     key = make_key(cluster["dsn"], "u-tpm", "--tpm", str(4 * tokens))
-    out = asyncio.run(_burst(cluster["url"], key, cluster["text"], 12))
+    out = post_all([cluster["url"]], [key], 12, {"text": cluster["text"]})
     codes = Counter(r.status_code for r in out)
     assert codes == {200: 4, 429: 8}, codes
     assert len(rows(cluster["dsn"], "u-tpm")) == 4
@@ -144,6 +137,6 @@ def test_a_replica_killed_under_load_loses_no_billed_answer(cluster):
     survivors = {parse_billing_totals(httpx.get(s.url + "/metrics", timeout=30).text)
                  ["instance_id"] for s in cluster["servers"] if s is not victim}
     key = make_key(cluster["dsn"], "u-after")
-    after = asyncio.run(_burst(cluster["url"], key, cluster["text"], 12))
+    after = post_all([cluster["url"]], [key], 12, {"text": cluster["text"]})
     assert [r.status_code for r in after] == [200] * 12
     assert {instance for instance, _ in rows(cluster["dsn"], "u-after")} == survivors
