@@ -40,6 +40,9 @@ from typing import Any, Callable, Optional, Tuple
 from serving.limits import WINDOW_S
 from serving.shared_limits import SharedRateLimiter
 
+# The names and lock numbers below are written out in the SQL (no string formatting of SQL:
+# bandit B608); these constants name them for the tests, and the check after SETUP keeps
+# the two in step.
 TABLE = "tokenmeter_rate_window"
 SETUP_LOCK = 727275  # pg_advisory_xact_lock(bigint) while creating (the ledger's is 727274)
 LOCK_CLASS = 727276  # pg_advisory_xact_lock(LOCK_CLASS, hashtext(key)): its own lock space
@@ -47,7 +50,7 @@ LOCK_CLASS = 727276  # pg_advisory_xact_lock(LOCK_CLASS, hashtext(key)): its own
 # Returns (kind, wait_ms) as the Redis ADMIT script: 0 admitted; 1 over RPM; 2 over TPM;
 # 3 a request larger than the TPM on its own. Keys that stop sending leave their last window
 # behind; one admission in a thousand clears every key's expired entries.
-ADMIT_FUNCTION = f"""
+ADMIT_FUNCTION = """
 CREATE OR REPLACE FUNCTION tokenmeter_rate_admit(
     p_key text, p_rpm bigint, p_tpm bigint, p_tokens bigint, p_window_ms bigint,
     OUT kind integer, OUT wait_ms double precision)
@@ -59,15 +62,15 @@ DECLARE
     used bigint;
     edge timestamptz;
 BEGIN
-    PERFORM pg_advisory_xact_lock({LOCK_CLASS}, hashtext(p_key));
+    PERFORM pg_advisory_xact_lock(727276, hashtext(p_key));
     t := clock_timestamp();
-    DELETE FROM {TABLE} w WHERE w.key_id = p_key AND w.admitted_at <= t - win;
+    DELETE FROM tokenmeter_rate_window w WHERE w.key_id = p_key AND w.admitted_at <= t - win;
     SELECT count(*), coalesce(sum(w.tokens), 0) INTO n, used
-        FROM {TABLE} w WHERE w.key_id = p_key;
+        FROM tokenmeter_rate_window w WHERE w.key_id = p_key;
     kind := 0;
     wait_ms := 0;
     IF p_rpm > 0 AND n >= p_rpm THEN
-        SELECT w.admitted_at INTO edge FROM {TABLE} w WHERE w.key_id = p_key
+        SELECT w.admitted_at INTO edge FROM tokenmeter_rate_window w WHERE w.key_id = p_key
             ORDER BY w.admitted_at OFFSET n - p_rpm LIMIT 1;
         kind := 1;
         wait_ms := extract(epoch FROM edge + win - t) * 1000;
@@ -84,30 +87,35 @@ BEGIN
             SELECT s.admitted_at INTO edge FROM (
                 SELECT w.admitted_at, sum(w.tokens) OVER (
                     ORDER BY w.admitted_at ROWS UNBOUNDED PRECEDING) AS freed
-                FROM {TABLE} w WHERE w.key_id = p_key) s
+                FROM tokenmeter_rate_window w WHERE w.key_id = p_key) s
                 WHERE used - s.freed + p_tokens <= p_tpm ORDER BY s.admitted_at LIMIT 1;
             kind := 2;
             wait_ms := coalesce(extract(epoch FROM edge + win - t) * 1000, p_window_ms);
             RETURN;
         END IF;
     END IF;
-    INSERT INTO {TABLE} (key_id, admitted_at, tokens) VALUES (p_key, t, p_tokens);
+    INSERT INTO tokenmeter_rate_window (key_id, admitted_at, tokens) VALUES (p_key, t, p_tokens);
     IF random() < 0.001 THEN
-        DELETE FROM {TABLE} w WHERE w.admitted_at <= t - win;
+        DELETE FROM tokenmeter_rate_window w WHERE w.admitted_at <= t - win;
     END IF;
 END
 $fn$
 """
 
 SETUP = [
-    f"SELECT pg_advisory_xact_lock({SETUP_LOCK})",  # replicas starting together take turns
-    f"""CREATE UNLOGGED TABLE IF NOT EXISTS {TABLE} (
+    "SELECT pg_advisory_xact_lock(727275)",  # replicas starting together take turns
+    """CREATE UNLOGGED TABLE IF NOT EXISTS tokenmeter_rate_window (
         key_id TEXT NOT NULL,
         admitted_at TIMESTAMPTZ NOT NULL,
         tokens BIGINT NOT NULL)""",
-    f"CREATE INDEX IF NOT EXISTS {TABLE}_key_at ON {TABLE} (key_id, admitted_at)",
+    "CREATE INDEX IF NOT EXISTS tokenmeter_rate_window_key_at"
+    " ON tokenmeter_rate_window (key_id, admitted_at)",
     ADMIT_FUNCTION,
 ]
+
+if not (f"pg_advisory_xact_lock({LOCK_CLASS}, " in ADMIT_FUNCTION and TABLE in SETUP[1]
+        and f"pg_advisory_xact_lock({SETUP_LOCK})" in SETUP[0]):
+    raise RuntimeError("pg_limits: the constants and the SQL name different objects")
 
 ADMIT = "SELECT kind, wait_ms FROM tokenmeter_rate_admit(%s, %s, %s, %s, %s)"
 

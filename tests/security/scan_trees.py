@@ -1,6 +1,7 @@
 """Helpers for the security tests: small temporary trees to scan, a realistic fake AWS key
-made at test time (so no secret-looking string is committed), and a skip naming any scanner
-binary that is not installed."""
+made at test time (so no secret-looking string is committed), and the lookup of a scanner
+binary (tests that need one are marked `scanners(...)`: tests/conftest.py skips them at
+collection, naming the missing scanner)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
-
-import pytest
 
 from security import policy
 from security.targets import Targets
@@ -38,11 +37,14 @@ CMD ["python", "/app/app.py"]
 
 
 def need(tool: str) -> str:
-    """The binary's path, or skip the test saying which scanner is missing."""
+    """The scanner's path, found as the scans find it (security.tools.find_binary). A test that
+    calls this carries `pytest.mark.scanners(tool)`, which skips it at collection where the
+    binary is missing; missing here anyway is a failure, never a skip."""
     try:
         return find_binary(tool)
     except MissingBinary as exc:
-        pytest.skip(f"scanner binary {tool} is not installed: {exc}")
+        raise AssertionError(f"scanner binary {tool} is not installed, yet the test ran: mark it "
+                             f"pytest.mark.scanners({tool!r}) ({exc})") from None
 
 
 def fake_aws_credentials() -> Tuple[str, str]:

@@ -3,9 +3,13 @@ hide it (only policy.yaml can); a tree without our code folders is "not run"."""
 
 from __future__ import annotations
 
+import pytest
+
 from security import policy, scan_bandit
 from security.findings import NOT_RUN, RAN
 from tests.security.scan_trees import make_policy, need, write_tree
+
+pytestmark = pytest.mark.scanners("bandit")
 
 RUNNER = """\
 import subprocess

@@ -4,6 +4,8 @@ inline ignore pragmas do not hide it; no Dockerfile at all is "not run"."""
 
 from __future__ import annotations
 
+import pytest
+
 from security import policy, scan_hadolint
 from security.findings import NOT_RUN, RAN
 from tests.security.scan_trees import (
@@ -13,6 +15,8 @@ from tests.security.scan_trees import (
     need,
     write_tree,
 )
+
+pytestmark = pytest.mark.scanners("hadolint")
 
 
 def test_user_root_is_caught_and_fails(tmp_path):

@@ -208,6 +208,7 @@ def test_partial_audit_names_skips_and_vulnerability_fails():
     assert "only partly checked: pip-audit-host" in verdict.summary()
 
 
+@pytest.mark.scanners("pip-audit")
 def test_real_pip_audit_never_reports_an_unaudited_lock_as_clean(tmp_path, fake_pypi):
     need("pip-audit")
     targets = write_tree(tmp_path, {"requirements.lock": "pyyaml==6.0.1\nidna==3.7\n"})
@@ -225,6 +226,7 @@ def test_real_pip_audit_never_reports_an_unaudited_lock_as_clean(tmp_path, fake_
     assert verdict.exit_code == 2 and verdict.status == "NOTHING CHECKED"
 
 
+@pytest.mark.scanners("pip-audit")
 def test_real_pip_audit_reports_what_the_service_knows(tmp_path, fake_pypi):
     need("pip-audit")
     targets = write_tree(tmp_path, {"requirements.lock": "pyyaml==6.0.1\nidna==3.7\n"})
@@ -242,6 +244,7 @@ def test_real_pip_audit_reports_what_the_service_knows(tmp_path, fake_pypi):
     assert policy.evaluate([result], make_policy()).exit_code == 1
 
 
+@pytest.mark.scanners("pip-audit")
 def test_an_unreachable_service_is_an_error_never_clean(tmp_path, monkeypatch):
     need("pip-audit")
     targets = write_tree(tmp_path, {"requirements.lock": "idna==3.7\n"})
@@ -291,6 +294,7 @@ def test_image_locks_make_one_check_no_better_than_its_worst_lock():
     assert combine(check, "pip-audit", [debian, debian]).status == RAN
 
 
+@pytest.mark.scanners("pip-audit")
 def test_real_pip_audit_audits_every_image_lock(tmp_path, fake_pypi):
     need("pip-audit")
     targets = write_tree(tmp_path, {"docker/locks/official.lock": "idna==3.7\n",
@@ -309,6 +313,7 @@ def test_real_pip_audit_audits_every_image_lock(tmp_path, fake_pypi):
     assert "nothing was audited" in result.reason and not result.findings
 
 
+@pytest.mark.scanners("pip-audit")
 def test_missing_locks_are_not_run(tmp_path):
     need("pip-audit")
     targets = write_tree(tmp_path, {"requirements.lock": "idna==3.7\n",

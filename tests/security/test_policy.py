@@ -102,6 +102,7 @@ def _policy_file(tmp_path, expires):
     return path
 
 
+@pytest.mark.scanners("trivy", "hadolint")
 @pytest.mark.parametrize("expires, code", [(days_from_today(30), 0), ("2020-01-31", 1)],
                          ids=["unexpired-suppresses", "expired-fails"])
 def test_scan_applies_ignore_entries_end_to_end(tmp_path, expires, code):

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from security import sbom
 from security.findings import NOT_RUN, RAN
 from tests.security.scan_trees import need, write_tree
+
+pytestmark = pytest.mark.scanners("cyclonedx-py")
 
 
 def test_sbom_lists_every_locked_package_of_every_lock(tmp_path):

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from image.engine import EngineError, detect
+from image.engine import detect
 from security import checks, policy, report, scan_trivy
 from security.findings import NOT_RUN, RAN
 from security.targets import Targets
@@ -23,6 +23,7 @@ from tests.security.scan_trees import (
 )
 
 
+@pytest.mark.scanners("trivy")
 @pytest.mark.parametrize("dockerfile", [ROOT_DOCKERFILE, NO_USER_DOCKERFILE],
                          ids=["USER-root", "no-USER-line"])
 def test_dockerfile_running_as_root_is_high_and_fails(tmp_path, dockerfile):
@@ -42,6 +43,7 @@ def test_dockerfile_running_as_root_is_high_and_fails(tmp_path, dockerfile):
     assert any(j.finding.rule_id == "DS-0002" for j in verdict.violations)
 
 
+@pytest.mark.scanners("trivy")
 def test_fake_aws_key_is_critical_and_fails(tmp_path):
     need("trivy")
     key_id, secret = fake_aws_credentials()
@@ -74,6 +76,7 @@ def test_fake_aws_key_is_critical_and_fails(tmp_path):
         assert key_id not in text and secret not in text
 
 
+@pytest.mark.scanners("trivy")
 def test_tree_without_iac_is_not_run(tmp_path):
     need("trivy")
     targets = write_tree(tmp_path, {"README.md": "# nothing to configure\n"})
@@ -85,6 +88,7 @@ def test_tree_without_iac_is_not_run(tmp_path):
     assert not policy.evaluate([result], make_policy()).failed
 
 
+@pytest.mark.scanners("trivy")
 def test_base_dockerfiles_are_scanned_as_iac(tmp_path):
     need("trivy")
     # The bases are named *.Dockerfile: trivy must still read them as Dockerfiles.
@@ -107,13 +111,7 @@ def _no_engine(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
 
 
-def _engine_or_skip():
-    try:
-        return detect()
-    except EngineError as exc:
-        pytest.skip(f"needs a container engine: {exc}")
-
-
+@pytest.mark.scanners("trivy")
 def test_image_scans_without_engine_are_not_run(tmp_path, monkeypatch):
     need("trivy")
     monkeypatch.setenv("TRIVY_CACHE_DIR", str(tmp_path / "empty-cache"))
@@ -135,9 +133,11 @@ def test_image_scans_without_engine_are_not_run(tmp_path, monkeypatch):
     assert rootfs.checked == "image tokenmeter:latest"
 
 
+@pytest.mark.scanners("trivy")
+@pytest.mark.container_engine
 def test_image_scans_of_an_image_not_built_are_not_run(tmp_path, monkeypatch):
     need("trivy")
-    engine = _engine_or_skip()
+    engine = detect()  # the container_engine mark skips this test where detect() fails
     monkeypatch.setenv("TRIVY_CACHE_DIR", str(tmp_path / "empty-cache"))
     ref = "localhost/tokenmeter-never-built:absent"
     targets = write_tree(tmp_path / "tree", {"docker/Dockerfile": ROOT_DOCKERFILE})
