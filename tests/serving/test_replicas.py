@@ -1,14 +1,15 @@
 """Three replicas behind HAProxy, as deploy/haproxy/haproxy.cfg runs them (that file, its ports
 rewritten): one PostgreSQL ledger, one Redis for the rate limits. A key's RPM and TPM hold
-across the replicas exactly; every 200 is billed once; a replica killed under load loses no
-billed answer (the clients retry with their Idempotency-Keys) and the balancer routes around
-it. Marked postgres, redis and haproxy: skipped at collection, naming what is missing."""
+across the replicas exactly; a budget is never overspent; every 200 is billed once; a replica
+killed under load loses no billed answer (the clients retry with their Idempotency-Keys) and
+the balancer routes around it. Marked postgres, redis and haproxy: skipped at collection, naming what is missing."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 from typing import Dict, List
 
@@ -80,6 +81,22 @@ def test_a_key_s_tpm_holds_across_the_replicas(cluster, facts):
     codes = Counter(r.status_code for r in out)
     assert codes == {200: 4, 429: 8}, codes
     assert len(rows(cluster["dsn"], "u-tpm")) == 4
+
+
+def test_a_budget_never_overspends_across_the_replicas(cluster):
+    # A budget of exactly 7 requests' cost: 30 at once through the balancer, landing on all
+    # three replicas, whose key and spend caches each see only their own share.
+    budget = Decimal(7 * cluster["per"]) / 10 ** 6
+    key = make_key(cluster["dsn"], "u-budget", "--budget-usd", f"{budget:.6f}")
+    out = post_all([cluster["url"]], [key], 30, {"text": cluster["text"]})
+    codes = Counter(r.status_code for r in out)
+    assert codes == {200: 7, 429: 23}, codes
+    assert {r.json()["error"]["code"] for r in out if r.status_code == 429} == \
+        {"insufficient_quota"}
+    with psycopg.connect(cluster["dsn"]) as conn:
+        (n, spent), = conn.execute("SELECT COUNT(*), SUM(cost_micro) FROM billing_events"
+                                   " WHERE user_id = 'u-budget'").fetchall()
+    assert (n, spent) == (7, 7 * cluster["per"])
 
 
 async def _until_answered(c: httpx.AsyncClient, url: str, key: str, text: str, idem: str,
