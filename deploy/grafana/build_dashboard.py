@@ -316,6 +316,19 @@ def panels() -> List[Tuple[Panel, int, int]]:
             "Resident set size of each endpoint process.",
             [prom("process_resident_memory_bytes and on(job, instance) tokenmeter_cpu_cores",
                   "{{instance}}")], "bytes"), 8, 8),
+        (timeseries(
+            "Billed tokens per second by model version",
+            "Tokens billed per second by the model version that answered (label `version` "
+            "of tokenmeter_billed_tokens_total): a canary's share of the traffic as billed.",
+            [prom(f"sum by (model, version) (rate(tokenmeter_billed_tokens_total[{RATE}]))",
+                  "{{model}} v{{version}}")], "short", stack=True), 12, 8),
+        (timeseries(
+            "Rollout: traffic split by version",
+            "Percent of unpinned requests each endpoint process routes to each loaded "
+            "version (tokenmeter_model_traffic_percent; `python -m serving models canary | "
+            "promote | rollback` change it, every process within ROLLOUT_REFRESH_S).",
+            [prom("max by (model, version) (tokenmeter_model_traffic_percent)",
+                  "{{model}} v{{version}}")], "percent", decimals=0), 12, 8),
         (table(
             "Endpoint processes",
             "One row per endpoint process: the instance id its ledger rows carry (column "
