@@ -54,6 +54,18 @@ def ws_copy(smoke_ws, tmp_path) -> Path:
     return dst
 
 
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uri():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: a test that uses MLflow in this
+    process must not send later tests' subprocesses to its store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def model_dir(request) -> Path:
     """The smoke model; TOKENMETER_TEST_MODEL_DIR reuses one already built (saves a minute)."""

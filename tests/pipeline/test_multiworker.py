@@ -150,7 +150,9 @@ def _snapshot(ws: Path) -> Dict[str, Optional[Tuple[int, int]]]:
 
 
 def _env(**extra: str) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    # Without MLFLOW_TRACKING_URI: mlflow.set_tracking_uri, called in this process by earlier
+    # tests, exports it, and the runs must land in each workspace's own store.
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "MLFLOW_TRACKING_URI")}
     return {**env, **extra}
 
 

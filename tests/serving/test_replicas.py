@@ -2,7 +2,8 @@
 rewritten): one PostgreSQL ledger, one Redis for the rate limits. A key's RPM and TPM hold
 across the replicas exactly; a budget is never overspent; every 200 is billed once; a replica
 killed under load loses no billed answer (the clients retry with their Idempotency-Keys) and
-the balancer routes around it. Marked postgres, redis and haproxy: skipped at collection, naming what is missing."""
+the balancer routes around it. Marked postgres, redis and haproxy: skipped at collection,
+naming what is missing."""
 
 from __future__ import annotations
 
