@@ -74,10 +74,17 @@ class Train(BaseModel):
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
     length_buckets: List[int] = Field(default_factory=lambda: [32, 64, 128, 256], min_length=1)
+    # Hashed id-n-gram embeddings added to the token embeddings (pipeline/ngrams.py).
+    ngram_orders: List[int] = Field(default_factory=lambda: [2, 3],
+                                    description="n-gram orders, each 1-5; [] = plain BERT")
+    ngram_buckets: int = Field(65536, ge=1, description="rows of the hashed embedding table")
     seed: int = 0
 
     @model_validator(mode="after")
     def _shape(self) -> "Train":
+        if any(not 1 <= n <= 5 for n in self.ngram_orders) \
+                or len(set(self.ngram_orders)) != len(self.ngram_orders):
+            raise ValueError("ngram_orders: distinct orders, each from 1 to 5")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by "

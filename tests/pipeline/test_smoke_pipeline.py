@@ -67,7 +67,8 @@ def test_tokenizer_loads_in_bert_tokenizer_fast_and_counts_cls_sep(smoke_ws):
 
 def test_exported_signature_and_keras_parity(smoke_ws):
     import tensorflow as tf
-    from transformers import TFBertForSequenceClassification
+
+    from pipeline import modeling
 
     loaded = tf.saved_model.load(str(smoke_ws / MODEL))
     fn = loaded.signatures[SIGNATURE]
@@ -88,7 +89,7 @@ def test_exported_signature_and_keras_parity(smoke_ws):
     ids = np.array([e + [0] * (width - len(e)) for e in enc], dtype=np.int32)
     mask = (np.arange(width)[None, :] < np.array([len(e) for e in enc])[:, None]).astype(np.int32)
     served = fn(input_ids=tf.constant(ids), attention_mask=tf.constant(mask))[OUTPUT_NAME].numpy()
-    keras = TFBertForSequenceClassification.from_pretrained(str(smoke_ws / paths.TRAINED_MODEL_DIR))
+    keras = modeling.load_trained(smoke_ws / paths.TRAINED_MODEL_DIR)
     expected = tf.nn.softmax(keras(input_ids=ids, attention_mask=mask, training=False).logits,
                              axis=-1).numpy()
     assert np.abs(served - expected).max() < 1e-5
