@@ -58,7 +58,7 @@ from serving.pg_limits import PgRateLimiter
 from serving.runner import ModelRunner
 from serving.settings import Settings
 from serving.shared_limits import RedisRateLimiter, SharedRateLimiter
-from serving.versions import Rollout, Served, Versions
+from serving.versions import Rollout, Served, Versions, stored_rollout
 from serving.watchdog import Watchdog, Watched
 
 log = logging.getLogger("tokenmeter")
@@ -405,15 +405,11 @@ def model_versions(c: Components, metrics: Metrics, watchdog: Watchdog) -> Versi
                 label = "model runner" if served is versions.default else \
                     f"model runner {version}"
                 watchdog.add(Watched(label, served.runner.alive, served.runner.restart))
-        r = versions.rollout
         for version in versions.served:
-            share = (100 - r.canary_percent if r.canary else 100) if version == r.stable \
-                else (r.canary_percent if version == r.canary else 0)
-            metrics.traffic.labels(name, version).set(share)
+            metrics.traffic.labels(name, version).set(versions.rollout.share(version))
 
     def read_rollout() -> Optional[Rollout]:
-        row = c.ledger.rollout(name)
-        return Rollout(*row) if row is not None else None
+        return stored_rollout(c.ledger, name)
 
     versions = Versions(Served(c.runner, c.meter), c.load_version,
                         read_rollout if c.load_version is not None else None,

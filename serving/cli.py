@@ -206,10 +206,9 @@ def _model(args):
 
 
 def _rollout(ledger: Ledger, name: str, default_version: str):
-    from serving.versions import Rollout
+    from serving.versions import Rollout, stored_rollout
 
-    row = ledger.rollout(name)
-    return Rollout(*row) if row is not None else Rollout(stable=default_version)
+    return stored_rollout(ledger, name) or Rollout(stable=default_version)
 
 
 def _passed_gate(ledger: Ledger, name: str, root: Path, version: str, report: Path) -> str:
@@ -257,9 +256,7 @@ def cmd_models_status(args) -> int:
         gate = ledger.gate(name, v)
         role = "stable" if v == r.stable else "canary" if v == r.canary else \
             "previous" if v == r.previous else ""
-        share = (100 - r.canary_percent if r.canary else 100) if v == r.stable else \
-            r.canary_percent if v == r.canary else 0
-        rows.append({"version": v, "role": role, "traffic_percent": share,
+        rows.append({"version": v, "role": role, "traffic_percent": r.share(v),
                      "gate": "" if gate is None else "passed" if gate[0] else "failed"})
     if args.json:
         print(json.dumps({"model": name, "stable": r.stable, "canary": r.canary,

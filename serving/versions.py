@@ -66,11 +66,23 @@ class Rollout:
     def versions(self) -> List[str]:
         return [self.stable] + ([self.canary] if self.canary else [])
 
+    def share(self, version: str) -> int:
+        """The percent of unpinned requests `version` gets."""
+        if version == self.stable:
+            return 100 - self.canary_percent if self.canary else 100
+        return self.canary_percent if version == self.canary else 0
+
     def describe(self) -> str:
         text = f"stable {self.stable}"
         if self.canary:
             text += f", canary {self.canary} at {self.canary_percent}%"
         return text + (f" (previous stable {self.previous})" if self.previous else "")
+
+
+def stored_rollout(ledger: Any, model: str) -> Optional[Rollout]:
+    """The rollout of `model` in the ledger (serving.ledger.Ledger.rollout); None: never set."""
+    row = ledger.rollout(model)
+    return Rollout(*row) if row is not None else None
 
 
 class RolloutError(ValueError):
@@ -179,9 +191,6 @@ class Versions:
 
     def all(self) -> List[Served]:
         return list(self.served.values())
-
-    def stable(self) -> Served:
-        return self.served[self.rollout.stable]
 
     def pick(self, pinned: Optional[str] = None) -> Served:
         """The version that answers this request."""

@@ -23,16 +23,9 @@ from serving.pg_limits import LOCK_CLASS, TABLE, PgRateLimiter
 from serving.settings import Settings
 from tests.serving.conftest import cli, free_port
 from tests.serving.tcp_proxy import CommitCuttingProxy
+from tests.serving.test_shared_limits import admitted, run, timed_admits
 
 NOWHERE = "postgresql://tokenmeter@127.0.0.1:{port}/tokenmeter"
-
-
-def admitted(results: List[Optional[Refusal]]) -> int:
-    return sum(r is None for r in results)
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 async def _gather(limiters, n: int, key: str, tokens: int, rpm: int, tpm: int
@@ -117,9 +110,7 @@ def test_a_database_that_is_not_there_is_the_local_share_at_once():
     async def scenario():
         lim = PgRateLimiter(NOWHERE.format(port=free_port()), replicas=2, timeout_s=0.3,
                             retry_s=60, on_store=states.append)
-        t0 = time.monotonic()
-        out = [await lim.admit("k", 1, 4, 0) for _ in range(5)]
-        took = time.monotonic() - t0
+        out, took = await timed_admits(lim, 5)
         await lim.close()
         return out, took, lim.store_up
 
@@ -198,9 +189,7 @@ def test_a_database_that_does_not_answer_in_time_is_the_local_share(pg_dsn):
         assert await lim.admit("k", 1, 4, 0) is None  # the table and function exist now
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute(f"SELECT pg_advisory_lock({LOCK_CLASS}, hashtext('k'))")
-            t0 = time.monotonic()
-            out = [await lim.admit("k", 1, 4, 0) for _ in range(4)]
-            took = time.monotonic() - t0
+            out, took = await timed_admits(lim, 4)
         await lim.close()
         return out, took, lim.store_up
 
