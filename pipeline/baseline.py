@@ -21,23 +21,25 @@ def scores(y_true: Sequence[int], y_pred: Sequence[int]) -> Dict[str, float]:
             "macro_f1": round(float(f1_score(y_true, y_pred, average="macro")), 6)}
 
 
-def fit_baseline(train: Tuple[List[str], List[int]], val: Tuple[List[str], List[int]],
-                 test: Tuple[List[str], List[int]], p: Baseline) -> dict:
+def make_model(p: Baseline, c: float):
+    """The unfitted baseline (also the teacher stage's teacher) at inverse regularisation c."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    def model(c: float):
-        return make_pipeline(
-            TfidfVectorizer(analyzer="char", ngram_range=(p.ngram_min, p.ngram_max),
-                            sublinear_tf=True),
-            LogisticRegression(C=c, max_iter=p.max_iter))
+    return make_pipeline(
+        TfidfVectorizer(analyzer="char", ngram_range=(p.ngram_min, p.ngram_max),
+                        sublinear_tf=True),
+        LogisticRegression(C=c, max_iter=p.max_iter))
 
+
+def fit_baseline(train: Tuple[List[str], List[int]], val: Tuple[List[str], List[int]],
+                 test: Tuple[List[str], List[int]], p: Baseline) -> dict:
     val_acc = {}
     for c in p.c_grid:
-        val_acc[c] = scores(val[1], model(c).fit(*train).predict(val[0]))["accuracy"]
+        val_acc[c] = scores(val[1], make_model(p, c).fit(*train).predict(val[0]))["accuracy"]
     best_c = max(p.c_grid, key=lambda c: (val_acc[c], -c))  # ties: the simpler model
-    best = model(best_c).fit(*train)
+    best = make_model(p, best_c).fit(*train)
     return {"model": f"tfidf-char-{p.ngram_min}-{p.ngram_max}+logreg", "C": best_c,
             "val_accuracy_by_C": {str(c): a for c, a in val_acc.items()},
             "val": scores(val[1], best.predict(val[0])),

@@ -40,6 +40,8 @@ class Tokenizer(BaseModel):
     min_frequency: int = Field(2, ge=1)
     limit_alphabet: int = Field(20000, ge=100)
     lowercase: bool = True
+    nfkc: bool = Field(True, description="fold full-width letters, digits and punctuation "
+                                         "into their usual forms (Unicode NFKC) first")
     report_lengths: List[int] = Field(default_factory=lambda: [128, 256, 512])
 
 
@@ -56,6 +58,26 @@ class Baseline(BaseModel):
             raise ValueError("ngram_max must be >= ngram_min")
         if any(c <= 0 for c in self.c_grid):
             raise ValueError("every c_grid value must be > 0")
+        return self
+
+
+class Teacher(BaseModel):
+    """The distillation transfer set (pipeline/teacher.py): the baseline labels texts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    folds: int = Field(5, ge=0, description="out-of-fold teacher labels on the train texts; "
+                                            "0 = one teacher fit on them all (in-sample)")
+    augment_fraction: float = Field(0.5, ge=0, le=4, description="extra texts cut from the "
+                                    "train texts, as a fraction of them; only the teacher "
+                                    "labels them")
+    char_dropout: float = Field(0.1, ge=0, lt=1, description="share of characters dropped "
+                                                             "from a text cut that way")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _folds(self) -> "Teacher":
+        if self.folds == 1:
+            raise ValueError("folds: 0 (in-sample) or at least 2")
         return self
 
 
@@ -78,6 +100,10 @@ class Train(BaseModel):
     ngram_orders: List[int] = Field(default_factory=lambda: [2, 3],
                                     description="n-gram orders, each 1-5; [] = plain BERT")
     ngram_buckets: int = Field(65536, ge=1, description="rows of the hashed embedding table")
+    # Distillation from the teacher stage's transfer set: the target of a train text is
+    # alpha x its label + (1 - alpha) x the teacher's probabilities; an extra text's is the
+    # teacher's alone. 1.0 = the true labels only, no extra texts.
+    distill_alpha: float = Field(0.5, ge=0, le=1)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -112,6 +138,9 @@ class Validate(BaseModel):
         0.0, ge=0, le=1, description="model accuracy must be >= baseline accuracy - this"
     )
     max_parity_diff: float = Field(1e-4, gt=0)
+    # Behavioural checks (pipeline/behaviour.py): each kind's pass rate must reach this.
+    min_behaviour_pass_rate: float = Field(0.9, ge=0, le=1)
+    behaviour_texts: int = Field(300, ge=1, description="test texts perturbed for invariance")
     latency_requests: int = Field(200, ge=10)
     batch_size: int = Field(64, ge=1)
 
@@ -200,6 +229,7 @@ SECTIONS = {
     "prepare": Prepare,
     "tokenizer": Tokenizer,
     "baseline": Baseline,
+    "teacher": Teacher,
     "train": Train,
     "export": Export,
     "validate": Validate,

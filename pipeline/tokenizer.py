@@ -48,10 +48,9 @@ def build_vocab(texts: Sequence[str], p: TokenizerParams) -> List[str]:
     runs on the same data give different vocabularies (seen here: ~1,300 ids moved), and
     the same data would no longer give the same model.
     """
-    from tokenizers import normalizers, pre_tokenizers
+    from tokenizers import pre_tokenizers
 
-    norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                      strip_accents=None, lowercase=p.lowercase)
+    norm = normalizer(p)
     pre = pre_tokenizers.BertPreTokenizer()
     words: Counter = Counter()
     for text in texts:
@@ -81,17 +80,26 @@ def build_vocab(texts: Sequence[str], p: TokenizerParams) -> List[str]:
     return vocab
 
 
+def normalizer(p: TokenizerParams):
+    """BERT's normaliser, after NFKC with `tokenizer.nfkc`: reviews mix full-width and
+    half-width forms (，/, ！/! ＸＰ/XP) that mean the same and would be different tokens."""
+    from tokenizers import normalizers
+
+    bert = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                      strip_accents=None, lowercase=p.lowercase)
+    return normalizers.Sequence([normalizers.NFKC(), bert]) if p.nfkc else bert
+
+
 def train_wordpiece(texts: Sequence[str], p: TokenizerParams):
     """BERT normalisation, every CJK character its own token, as bert-base-chinese does."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import WordPiece
     from tokenizers.processors import TemplateProcessing
 
     vocab = {token: i for i, token in enumerate(build_vocab(texts, p))}
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##",
                               max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=p.lowercase)
+    tok.normalizer = normalizer(p)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     # BERT's [CLS] ... [SEP]: the ids counted for billing are the ids the model sees.

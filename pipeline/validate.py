@@ -2,10 +2,11 @@
 
 Loads only the SavedModel and the tokenizer file beside it (no transformers, no training
 code): signature names/dtypes/shapes, parity with the Keras outputs recorded at export,
-test accuracy and macro-F1 against `validate` gates and against the baseline, and
-single-request latency. Writes `metrics/validate.json` and the test predictions
-(`metrics/test_predictions.csv`, a DVC confusion-matrix plot); a failed gate exits 1
-with one line naming it.
+test accuracy and macro-F1 against `validate` gates and against the baseline, behavioural
+checks (`pipeline/behaviour.py`: minimum functionality, directional pairs, invariance to
+spacing and punctuation), and single-request latency. Writes `metrics/validate.json` and
+the test predictions (`metrics/test_predictions.csv`, a DVC confusion-matrix plot); a
+failed gate exits 1 with one line naming it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from pipeline import batching, paths
+from pipeline import batching, behaviour, paths
 from pipeline.baseline import scores
 from pipeline.errors import GateFailed, fail, require, run_stage
 from pipeline.io import read_json, read_jsonl, write_atomic, write_json
@@ -118,8 +119,9 @@ def predictions_csv(labels: List[int], probs: np.ndarray, names: Dict[int, str])
 
 
 def gates(v: Validate, quality: dict, baseline: dict, parity: float,
-          signature_problems: List[str]) -> Dict[str, dict]:
+          signature_problems: List[str], behaved: Dict[str, dict]) -> Dict[str, dict]:
     floor = baseline["accuracy"] - v.max_accuracy_gap_to_baseline
+    weakest = min(behaved, key=lambda kind: behaved[kind]["pass_rate"])
     return {
         "signature": {"passed": not signature_problems, "problems": signature_problems},
         "parity": {"passed": parity <= v.max_parity_diff, "value": parity,
@@ -132,6 +134,11 @@ def gates(v: Validate, quality: dict, baseline: dict, parity: float,
                      "key": "validate.min_macro_f1"},
         "baseline": {"passed": quality["accuracy"] >= floor, "value": quality["accuracy"],
                      "threshold": round(floor, 6), "key": "validate.max_accuracy_gap_to_baseline"},
+        "behaviour": {"passed": all(b["pass_rate"] >= v.min_behaviour_pass_rate
+                                    for b in behaved.values()),
+                      "value": behaved[weakest]["pass_rate"], "kind": weakest,
+                      "threshold": v.min_behaviour_pass_rate,
+                      "key": "validate.min_behaviour_pass_rate"},
     }
 
 
@@ -144,7 +151,8 @@ def describe_failures(result: Dict[str, dict]) -> str:
             parts.append("signature: " + "; ".join(g["problems"]))
         else:
             op = "<=" if name == "parity" else ">="
-            parts.append(f"{name} {g['value']} is not {op} {g['threshold']} ({g['key']})")
+            what = f"{name} ({g['kind']})" if "kind" in g else name
+            parts.append(f"{what} {g['value']} is not {op} {g['threshold']} ({g['key']})")
     return "; ".join(parts)
 
 
@@ -168,13 +176,19 @@ def validate(model_dir: Path, v: Validate) -> Tuple[dict, bytes]:
     probs = predict(fn, tokenization.encode(tokenizer, texts), v.batch_size, buckets)
     quality = scores(labels, probs.argmax(axis=1).tolist())
     baseline = read_json(paths.metrics_file("baseline"))["test"]
-    result = gates(v, quality, baseline, parity, problems)
+    sample = np.random.default_rng(0).permutation(len(texts))[:v.behaviour_texts]
+    behaved = behaviour.check(
+        lambda batch: predict(fn, tokenization.encode(tokenizer, batch), v.batch_size, buckets),
+        [names[k] for k in sorted(names)], [texts[i] for i in sorted(sample)],
+        behaviour.load_cases())
+    result = gates(v, quality, baseline, parity, problems, behaved)
     report = {
         "model_dir": str(model_dir),
         "test": {**quality, "texts": len(texts)},
         "baseline_test": baseline,
         "accuracy_vs_baseline": round(quality["accuracy"] - baseline["accuracy"], 6),
         "parity_max_abs_diff": parity,
+        "behaviour": behaved,
         "gates": result,
         "passed": all(g["passed"] for g in result.values()),
         # Timings differ run to run; everything above is deterministic.
@@ -194,10 +208,12 @@ def main() -> None:
     write_json(paths.metrics_file("validate"), report)
     write_atomic(paths.METRICS_DIR / "test_predictions.csv", predictions)
     t, lat = report["test"], report["latency"]
+    rates = ", ".join(f"{kind} {b['passed']}/{b['cases']}"
+                      for kind, b in report["behaviour"].items())
     print(f"validate: test accuracy {t['accuracy']:.4f} (baseline "
           f"{report['baseline_test']['accuracy']:.4f}), macro-F1 {t['macro_f1']:.4f}, parity "
-          f"{report['parity_max_abs_diff']:.2e}, latency p50 {lat['p50_ms']:.1f} ms "
-          f"p95 {lat['p95_ms']:.1f} ms")
+          f"{report['parity_max_abs_diff']:.2e}, behaviour {rates}, latency p50 "
+          f"{lat['p50_ms']:.1f} ms p95 {lat['p95_ms']:.1f} ms")
     if not report["passed"]:
         raise GateFailed(describe_failures(report["gates"]))
 

@@ -108,6 +108,9 @@ def test_validate_report_and_dvc_metrics(smoke_ws):
     assert report["parity_max_abs_diff"] < 1e-4
     assert 0.65 <= report["test"]["accuracy"] <= 1
     assert report["latency"]["p50_ms"] > 0
+    assert set(report["behaviour"]) == {"minimum", "directional", "invariance"}
+    assert all(b["cases"] > 0 for b in report["behaviour"].values())
+    assert "behaviour" in report["gates"]
     rows = list(csv.DictReader((smoke_ws / "metrics/test_predictions.csv").open()))
     assert len(rows) == report["test"]["texts"] == len(_rows(smoke_ws, "test"))
     acc = sum(r["actual"] == r["predicted"] for r in rows) / len(rows)
@@ -131,7 +134,7 @@ def test_noop_repro_runs_no_stage(smoke_ws):
 
 def _deterministic_outputs(ws: Path) -> dict:
     out = {}
-    for name in ("prepare.json", "tokenizer.json", "baseline.json", "train.json",
+    for name in ("prepare.json", "tokenizer.json", "baseline.json", "teacher.json", "train.json",
                  "train_history.csv", "test_predictions.csv"):
         out[name] = (ws / "metrics" / name).read_bytes()
     validate = json.loads((ws / "metrics/validate.json").read_text())

@@ -58,7 +58,9 @@ def test_canary_promote_and_rollback_follow_the_rules():
 def report(version_dir: str, accuracy: float) -> Dict[str, object]:
     """A report as the validate stage writes it, its gates from pipeline.validate itself."""
     v = Validate()
-    g = gates(v, {"accuracy": accuracy, "macro_f1": accuracy}, {"accuracy": 0.84}, 1e-7, [])
+    behaved = {"minimum": {"pass_rate": 1.0}}
+    g = gates(v, {"accuracy": accuracy, "macro_f1": accuracy}, {"accuracy": 0.84}, 1e-7, [],
+              behaved)
     return {"model_dir": version_dir, "gates": g, "passed": all(x["passed"] for x in g.values())}
 
 
