@@ -22,7 +22,7 @@ def scores(y_true: Sequence[int], y_pred: Sequence[int]) -> Dict[str, float]:
 
 
 def make_model(p: Baseline, c: float):
-    """The unfitted baseline (also the teacher stage's teacher) at inverse regularisation c."""
+    """The unfitted baseline at inverse regularisation c."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline

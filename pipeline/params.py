@@ -61,26 +61,6 @@ class Baseline(BaseModel):
         return self
 
 
-class Teacher(BaseModel):
-    """The distillation transfer set (pipeline/teacher.py): the baseline labels texts."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    folds: int = Field(5, ge=0, description="out-of-fold teacher labels on the train texts; "
-                                            "0 = one teacher fit on them all (in-sample)")
-    augment_fraction: float = Field(0.5, ge=0, le=4, description="extra texts cut from the "
-                                    "train texts, as a fraction of them; only the teacher "
-                                    "labels them")
-    char_dropout: float = Field(0.1, ge=0, lt=1, description="share of characters dropped "
-                                                             "from a text cut that way")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _folds(self) -> "Teacher":
-        if self.folds == 1:
-            raise ValueError("folds: 0 (in-sample) or at least 2")
-        return self
-
-
 class Train(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     init: str = Field("scratch", description="'scratch' or a pretrained checkpoint name/dir")
@@ -100,10 +80,6 @@ class Train(BaseModel):
     ngram_orders: List[int] = Field(default_factory=lambda: [2, 3],
                                     description="n-gram orders, each 1-5; [] = plain BERT")
     ngram_buckets: int = Field(65536, ge=1, description="rows of the hashed embedding table")
-    # Distillation from the teacher stage's transfer set: the target of a train text is
-    # alpha x its label + (1 - alpha) x the teacher's probabilities; an extra text's is the
-    # teacher's alone. 1.0 = the true labels only, no extra texts.
-    distill_alpha: float = Field(0.5, ge=0, le=1)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -229,7 +205,6 @@ SECTIONS = {
     "prepare": Prepare,
     "tokenizer": Tokenizer,
     "baseline": Baseline,
-    "teacher": Teacher,
     "train": Train,
     "export": Export,
     "validate": Validate,

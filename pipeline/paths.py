@@ -13,8 +13,6 @@ SPLITS = ("train", "val", "test")
 LABELS_FILE = DATA_DIR / "labels.json"
 
 TOKENIZER_DIR = Path("build/tokenizer")
-TEACHER_DIR = Path("build/teacher")
-TRANSFER_FILE = TEACHER_DIR / "transfer.jsonl"  # text, label (null: an extra text), probs
 TRAIN_DIR = Path("build/train")
 TRAINED_MODEL_DIR = TRAIN_DIR / "model"  # transformers save_pretrained() layout
 MODELS_DIR = Path("models")

@@ -1,8 +1,5 @@
 """Stage `train`: fit the BERT-style classifier on the train split, seeded and deterministic.
 
-With `train.distill_alpha` < 1 it learns from the teacher stage's transfer set (the labels
-mixed with the TF-IDF teacher's probabilities, and extra texts the teacher labelled).
-
 Every run is an MLflow run (params, per-epoch metrics, the training-curve plot, the
 vocabulary). Writes the trained model (`build/train/model/`, transformers layout), the
 per-epoch history `metrics/train_history.csv` (a DVC plot) and `metrics/train.json`.
@@ -45,11 +42,9 @@ class BestEpoch:
     weights: Optional[List[np.ndarray]] = None
 
 
-def make_dataset(ids: List[List[int]], targets: np.ndarray, p: Train, shuffle: bool,
+def make_dataset(ids: List[List[int]], labels: np.ndarray, p: Train, shuffle: bool,
                  shard: Tuple[int, int] = (0, 1)):
     """A tf.data pipeline of bucketed batches; reshuffled (seeded) on each epoch.
-
-    `targets`: one distribution over the labels per text (float32, rows sum to 1).
 
     `shard` (index, count): every worker makes the same global batches and yields rows
     index, index + count, ... of each (multi-worker training); (0, 1) is the whole batch.
@@ -67,40 +62,12 @@ def make_dataset(ids: List[List[int]], targets: np.ndarray, p: Train, shuffle: b
             if count > 1:
                 part = slice(index, None, count)
                 input_ids, mask, rows = input_ids[part], mask[part], rows[part]
-            yield {"input_ids": input_ids, "attention_mask": mask}, targets[rows]
+            yield {"input_ids": input_ids, "attention_mask": mask}, labels[rows]
 
     spec = tf.TensorSpec([None, None], tf.int32)
     return tf.data.Dataset.from_generator(
         gen, output_signature=({"input_ids": spec, "attention_mask": spec},
-                               tf.TensorSpec([None, targets.shape[1]], tf.float32)))
-
-
-def labelled(split: str, num_labels: int) -> Tuple[List[str], np.ndarray]:
-    """A split's texts and their labels as one-hot targets."""
-    rows = read_jsonl(paths.split_file(split))
-    if not rows:
-        fail(f"{paths.split_file(split)} is empty; run the prepare stage first")
-    labels = np.array([int(r["label"]) for r in rows])
-    return [r["text"] for r in rows], np.eye(num_labels, dtype=np.float32)[labels]
-
-
-def training_targets(p: Train, num_labels: int) -> Tuple[List[str], np.ndarray]:
-    """The texts to train on and their targets: the train split's one-hot labels or, with
-    distillation (`distill_alpha` < 1), the teacher stage's transfer set: a train text's
-    label mixed with the teacher's probabilities, an extra text's probabilities alone."""
-    if p.distill_alpha >= 1:
-        return labelled("train", num_labels)
-    rows = read_jsonl(paths.TRANSFER_FILE)
-    if not rows or len(rows[0]["probs"]) != num_labels:
-        fail(f"{paths.TRANSFER_FILE} does not match {paths.LABELS_FILE}; "
-             "run the teacher stage (dvc repro teacher)")
-    probs = np.array([r["probs"] for r in rows], dtype=np.float64)
-    targets = probs.copy()
-    for i, r in enumerate(rows):
-        if r["label"] is not None:
-            targets[i] = p.distill_alpha * np.eye(num_labels)[int(r["label"])] \
-                + (1 - p.distill_alpha) * probs[i]
-    return [r["text"] for r in rows], targets.astype(np.float32)
+                               tf.TensorSpec([None], tf.int32)))
 
 
 def curve_png(history: List[Dict[str, float]]) -> bytes:
@@ -157,9 +124,11 @@ def train(p: Train, experiment: str, role: distribute.Role = distribute.SINGLE,
     tokenizer = tokenization.load_tokenizer(paths.TOKENIZER_DIR / "tokenizer.json", p.max_length)
     data = {}
     for split in ("train", "val"):
-        texts, targets = training_targets(p, len(label_names)) if split == "train" \
-            else labelled(split, len(label_names))
-        data[split] = (tokenization.encode(tokenizer, texts), targets)
+        rows = read_jsonl(paths.split_file(split))
+        if not rows:
+            fail(f"{paths.split_file(split)} is empty; run the prepare stage first")
+        data[split] = (tokenization.encode(tokenizer, [r["text"] for r in rows]),
+                       np.array([r["label"] for r in rows], dtype=np.int32))
 
     steps_per_epoch = -(-len(data["train"][0]) // p.batch_size)
     # A distributed dataset needs its length given (one pass over val: its batch count).
@@ -211,8 +180,8 @@ def train(p: Train, experiment: str, role: distribute.Role = distribute.SINGLE,
             model = modeling.build(p, tokenizer.get_vocab_size(), len(label_names),
                                    pad_token_id=tokenizer.token_to_id("[PAD]"))
             model.compile(optimizer=optimizer,
-                          loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
-                          metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy")])
+                          loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
             if strategy:
                 # Built here, in the scope, the weights get the same initial values as in a
                 # single-worker run (where the first training step builds them); built by
@@ -252,8 +221,7 @@ def main() -> None:
     p = load(Train)
     experiment = load(Tracking).experiment
     require(paths.LABELS_FILE, paths.TOKENIZER_DIR / "tokenizer.json",
-            *(paths.split_file(s) for s in ("train", "val")),
-            *([paths.TRANSFER_FILE] if p.distill_alpha < 1 else []))
+            *(paths.split_file(s) for s in ("train", "val")))
     if role.is_chief:
         train(p, experiment, role)
         return

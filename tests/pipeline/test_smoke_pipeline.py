@@ -134,7 +134,7 @@ def test_noop_repro_runs_no_stage(smoke_ws):
 
 def _deterministic_outputs(ws: Path) -> dict:
     out = {}
-    for name in ("prepare.json", "tokenizer.json", "baseline.json", "teacher.json", "train.json",
+    for name in ("prepare.json", "tokenizer.json", "baseline.json", "train.json",
                  "train_history.csv", "test_predictions.csv"):
         out[name] = (ws / "metrics" / name).read_bytes()
     validate = json.loads((ws / "metrics/validate.json").read_text())
