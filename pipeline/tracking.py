@@ -24,11 +24,11 @@ def start_run(experiment: str, run_name: str):
     """Start an MLflow run in `experiment`, creating it (with local artifacts) if needed."""
     import mlflow
 
+    # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI into os.environ.
+    own_store = "MLFLOW_TRACKING_URI" not in os.environ
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_experiment_by_name(experiment) is None:
-        location = None
-        if "MLFLOW_TRACKING_URI" not in os.environ:
-            location = (paths.MLFLOW_DIR / "artifacts").resolve().as_uri()
+        location = (paths.MLFLOW_DIR / "artifacts").resolve().as_uri() if own_store else None
         mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
     return mlflow.start_run(run_name=run_name)

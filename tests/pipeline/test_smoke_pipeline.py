@@ -193,6 +193,8 @@ def test_training_is_an_mlflow_run_with_params_metrics_and_artifacts(smoke_ws):
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("training")
     assert experiment is not None
+    # The local store keeps its artifacts beside the database, where the README says.
+    assert experiment.artifact_location == (smoke_ws / "mlruns" / "artifacts").resolve().as_uri()
     runs = client.search_runs([experiment.experiment_id])
     assert runs, "no MLflow run recorded"
     run = runs[0]
