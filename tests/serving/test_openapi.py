@@ -11,6 +11,7 @@ is pinned directly here.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -27,6 +28,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.metering import InputError, Meter
+from serving.model_dir import TOKENIZER_FILE, read_card
 from tests.serving.conftest import ROOT, Server, make_key
 
 pytestmark = pytest.mark.slow
@@ -43,6 +46,7 @@ class Env:
     server: Server
     key: str  # a valid non-admin key of USER
     dir: Path
+    model_dir: Path
 
     def get(self, path: str, **kw: Any) -> httpx.Response:
         return httpx.get(self.server.url + path, headers=self.auth, timeout=60, **kw)
@@ -66,7 +70,7 @@ def env(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E
     key = make_key(ledger, USER)  # also creates and migrates the ledger
     server = Server(model_dir, ledger, d / "server.log",
                     env={"TOKENMETER_MAX_TEXTS": str(MAX_TEXTS)}).start()
-    yield Env(server, key, d)
+    yield Env(server, key, d, model_dir)
     server.stop()
 
 
@@ -97,13 +101,44 @@ def usage_dates_in_order(query: Mapping[str, Any]) -> bool:
     return start is None or end is None or start <= end < date.max
 
 
+# The served model's folder, for the hooks in the schemathesis subprocess (over_the_limit).
+SERVED_MODEL_VAR = "TOKENMETER_TEST_SERVED_MODEL"
+
+
+@functools.lru_cache(maxsize=1)
+def _meter(model_dir: str) -> Meter:
+    card = read_card(Path(model_dir))
+    return Meter(Path(model_dir) / TOKENIZER_FILE, int(card["max_input_tokens"]), {})
+
+
+def over_the_limit(body: Any, model_dir: str) -> bool:
+    """Whether a body asks, without `truncate`, for a text longer than the model takes: a 413
+    input_too_long that no JSON Schema can foretell. The limit is in tokens, and characters
+    do not bound tokens: the tokenizer's NFKC makes one character several ("…" is "...")."""
+    if not isinstance(body, dict) or body.get("truncate") is True:
+        return False
+    texts = [body["text"]] if "text" in body else body.get("texts")
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        return False
+    try:
+        _meter(model_dir).meter(texts, truncate=False)
+    except InputError as exc:
+        return exc.code == "input_too_long"
+    return False
+
+
 def keep_case(case: Any) -> bool:
     """schemathesis `filter_case` hook: leaves out positive /v1/usage cases whose dates are out
-    of order (negative cases are refused either way)."""
+    of order and positive /v1/analyze cases with a text over the model's limit in tokens
+    (negative cases are refused either way)."""
     positive = case.meta is not None and case.meta.generation.mode.is_positive
-    if not positive or case.operation.path != "/v1/usage":
+    if not positive:
         return True
-    return usage_dates_in_order(case.query or {})
+    if case.operation.path == "/v1/analyze":
+        return not over_the_limit(case.body, os.environ[SERVED_MODEL_VAR])
+    if case.operation.path == "/v1/usage":
+        return usage_dates_in_order(case.query or {})
+    return True
 
 
 HOOKS = """import schemathesis
@@ -148,7 +183,8 @@ def test_schemathesis_finds_nothing_and_no_error_is_billed(env: Env) -> None:
     env_vars = {**os.environ, "SCHEMATHESIS_HOOKS": str(work / "openapi_hooks.py"),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                             os.environ.get("PYTHONPATH")])),
-                "HYPOTHESIS_STORAGE_DIRECTORY": str(work / ".hypothesis"), "NO_COLOR": "1"}
+                "HYPOTHESIS_STORAGE_DIRECTORY": str(work / ".hypothesis"), "NO_COLOR": "1",
+                SERVED_MODEL_VAR: str(env.model_dir)}
     r = subprocess.run(cmd, cwd=work, env=env_vars, capture_output=True, text=True,
                        timeout=SCHEMATHESIS_TIMEOUT_S)
     out = r.stdout + r.stderr
@@ -219,6 +255,19 @@ def test_granularity_is_an_enum_of_day(env: Env, doc) -> None:
     r = env.get("/v1/usage", params={"granularity": "week"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_granularity"
     assert env.get("/v1/usage", params={"granularity": "day"}).status_code == 200
+
+
+def test_a_text_over_the_limit_in_tokens_is_413_unless_truncated(env: Env) -> None:
+    """Why keep_case leaves such texts out: schema-valid, yet refused (as documented)."""
+    limit = int(read_card(env.model_dir)["max_input_tokens"])
+    text = "…" * (limit // 2)  # fewer characters than the limit, but NFKC reads each as "..."
+    assert over_the_limit({"text": text}, str(env.model_dir))
+    r = env.post({"text": text})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "input_too_long"
+    assert not over_the_limit({"text": text, "truncate": True}, str(env.model_dir))
+    assert env.post({"text": text, "truncate": True}).status_code == 200
+    assert not over_the_limit({"texts": ["很好", "…"]}, str(env.model_dir))
+    assert env.post({"texts": ["很好", "…"]}).status_code == 200
 
 
 def test_usage_dates_out_of_order_are_invalid_date(env: Env) -> None:
