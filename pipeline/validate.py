@@ -121,7 +121,8 @@ def predictions_csv(labels: List[int], probs: np.ndarray, names: Dict[int, str])
 def gates(v: Validate, quality: dict, baseline: dict, parity: float,
           signature_problems: List[str], behaved: Dict[str, dict]) -> Dict[str, dict]:
     floor = baseline["accuracy"] - v.max_accuracy_gap_to_baseline
-    weakest = min(behaved, key=lambda kind: behaved[kind]["pass_rate"])
+    ran = {kind: b for kind, b in behaved.items() if "pass_rate" in b}  # not `not_run`
+    weakest = min(ran, key=lambda kind: ran[kind]["pass_rate"])
     return {
         "signature": {"passed": not signature_problems, "problems": signature_problems},
         "parity": {"passed": parity <= v.max_parity_diff, "value": parity,
@@ -135,8 +136,8 @@ def gates(v: Validate, quality: dict, baseline: dict, parity: float,
         "baseline": {"passed": quality["accuracy"] >= floor, "value": quality["accuracy"],
                      "threshold": round(floor, 6), "key": "validate.max_accuracy_gap_to_baseline"},
         "behaviour": {"passed": all(b["pass_rate"] >= v.min_behaviour_pass_rate
-                                    for b in behaved.values()),
-                      "value": behaved[weakest]["pass_rate"], "kind": weakest,
+                                    for b in ran.values()),
+                      "value": ran[weakest]["pass_rate"], "kind": weakest,
                       "threshold": v.min_behaviour_pass_rate,
                       "key": "validate.min_behaviour_pass_rate"},
     }
@@ -208,8 +209,8 @@ def main() -> None:
     write_json(paths.metrics_file("validate"), report)
     write_atomic(paths.METRICS_DIR / "test_predictions.csv", predictions)
     t, lat = report["test"], report["latency"]
-    rates = ", ".join(f"{kind} {b['passed']}/{b['cases']}"
-                      for kind, b in report["behaviour"].items())
+    rates = ", ".join(f"{kind} {b['passed']}/{b['cases']}" if "cases" in b
+                      else f"{kind} not run" for kind, b in report["behaviour"].items())
     print(f"validate: test accuracy {t['accuracy']:.4f} (baseline "
           f"{report['baseline_test']['accuracy']:.4f}), macro-F1 {t['macro_f1']:.4f}, parity "
           f"{report['parity_max_abs_diff']:.2e}, behaviour {rates}, latency p50 "

@@ -84,3 +84,25 @@ def test_the_cases_file_names_real_labels_and_real_pairs():
     assert all(len(v) >= 5 for v in cases["minimum"].values())
     for pair in cases["directional"]:
         assert len(pair) == 2 and pair[0] != pair[1]
+
+
+def test_a_model_with_other_labels_gets_invariance_only_and_says_why():
+    # Your own data (prepare.source) may name its labels otherwise: the hand-written cases
+    # cannot be scored, and saying so beats a traceback or a made-up pass.
+    result = check(lexicon, ["bad", "good"], TEST_TEXTS, load_cases())
+    for kind in ("minimum", "directional"):
+        assert set(result[kind]) == {"not_run"}
+        assert "negative, positive" in result[kind]["not_run"]
+        assert "bad, good" in result[kind]["not_run"]
+    assert result["invariance"]["cases"] == 10 and result["invariance"]["pass_rate"] == 1.0
+
+
+def test_the_gate_reads_only_the_kinds_that_ran():
+    from pipeline.params import Validate
+    from pipeline.validate import gates
+
+    behaved = check(lexicon, ["bad", "good"], TEST_TEXTS, load_cases())
+    behaved["invariance"]["pass_rate"] = 0.5  # as if half had flipped
+    g = gates(Validate(), {"accuracy": 0.9, "macro_f1": 0.9}, {"accuracy": 0.85}, 1e-7, [],
+              behaved)["behaviour"]
+    assert g["passed"] is False and g["kind"] == "invariance" and g["value"] == 0.5
