@@ -175,6 +175,8 @@ class Benchmark(BaseModel):
     server_start_timeout_s: float = Field(180.0, gt=0)
     naive: bool = Field(True, description="also measure the brief's naive Flask design")
     metering_off: bool = Field(True, description="also measure the endpoint unmetered")
+    metering_rounds: int = Field(3, ge=1, description="metered and unmetered take turns this "
+                                 "many times at each level, duration_s / rounds each")
     priority_concurrency: int = Field(
         2, ge=0, description="priority clients (Tokenmeter-Priority: high) alongside "
                              "headline_concurrency standard ones on one endpoint (0: skip)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Dict, List, Optional, Sequence, SupportsFloat
+from typing import Any, Dict, List, Optional, Sequence, SupportsFloat, Tuple
 
 from pipeline.params import Benchmark, Hardware
 
@@ -99,11 +99,27 @@ def ceiling_at(policy: Sequence[Dict[str, object]], rows_per_call: float) -> Opt
     return pts[0][1] if len(pts) == 1 and pts[0][0] == rows_per_call else None
 
 
-def pct_change(new: object, old: object) -> Optional[float]:
-    """(new - old) / old in percent, 2 places; None when either is missing or old is 0."""
-    if new is None or old is None or not number(old):
+def pct_change(new: object, old: object, of: object = None) -> Optional[float]:
+    """(new - old) / old in percent (of `of` instead of old when given), 2 places; None when
+    either is missing or the base is 0."""
+    base = old if of is None else of
+    if new is None or old is None or base is None or not number(base):
         return None
-    return round((number(new) - number(old)) / number(old) * 100, 2)
+    return round((number(new) - number(old)) / number(base) * 100, 2)
+
+
+def paired(on: Dict[str, Any], off: Dict[str, Any]) -> List[Tuple[Dict[str, Any], ...]]:
+    """The two levels' rounds side by side (the stage runs them in turns), else the levels
+    themselves as one pair."""
+    a, z = on.get("rounds"), off.get("rounds")
+    if a and z and len(a) == len(z):
+        return list(zip(a, z))
+    return [(on, off)]
+
+
+def median_of(values: Sequence[Optional[float]]) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 2) if known else None
 
 
 def ratios(b: Benchmark, grid: List[dict], policy: List[dict],
@@ -140,17 +156,22 @@ def ratios(b: Benchmark, grid: List[dict], policy: List[dict],
             "vs_ceiling": round(number(best_batch["texts_per_s"]) / float(ceil["texts_per_s"]),
                                 4)}
     if "unmetered" in servers:
-        over = {}
+        over: Dict[str, Optional[float]] = {}
+        each: Dict[str, List[Optional[float]]] = {}
         for on in servers["endpoint"]["levels"]:
             off = at(servers["unmetered"]["levels"], int(number(on["concurrency"])))
             if off:
-                over[f"c{on['concurrency']}"] = pct_change(on["p50_ms"], off["p50_ms"])
+                c = f"c{on['concurrency']}"
+                each[c] = [pct_change(a["p50_ms"], z["p50_ms"]) for a, z in paired(on, off)]
+                over[c] = median_of(each[c])
         out["metering_overhead_p50_pct"] = over
+        out["metering_overhead_p50_pct_rounds"] = each
         off = at(servers["unmetered"]["levels"], top)
         # Throughput metering costs, in percent of the unmetered req/s (positive = lost).
-        out["metering_overhead_req_s_pct"] = round(
-            (number(off["req_per_s"]) - number(ep["req_per_s"])) / number(off["req_per_s"])
-            * 100, 2) if off and off["req_per_s"] else None
+        lost = [pct_change(z["req_per_s"], a["req_per_s"], of=z["req_per_s"])
+                for a, z in paired(ep, off)] if off else []
+        out["metering_overhead_req_s_pct"] = median_of(lost)
+        out["metering_overhead_req_s_pct_rounds"] = lost
     if priority:
         # Priority p50 over the standard p50 of the same run (below 1: priority waits less).
         std, pri = priority["standard"], priority["priority"]

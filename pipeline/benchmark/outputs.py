@@ -129,7 +129,8 @@ def log_mlflow(b: Benchmark, report: dict, artifacts: Sequence[Path]) -> str:
             "execution": b.execution, "batch_policy": f"max_batch={b.max_batch},"
                                                       f"max_wait_ms={b.max_wait_ms}",
             "concurrency": str(b.concurrency), "duration_s": b.duration_s,
-            "texts": report["texts"]["sampled"], "backend": report["ledger_backend"],
+            "metering_rounds": b.metering_rounds, "texts": report["texts"]["sampled"],
+            "backend": report["ledger_backend"],
             "hardware": "; ".join(f"{h.name}=${h.usd_per_hour}/h" for h in b.hardware),
             "tensorflow": report["model"]["tensorflow"], "cpus": os.cpu_count()})
         flat = flatten("", {k: report[k] for k in ("ratios", "ledger_capacity", "cost")})
@@ -182,8 +183,8 @@ def table(report: dict) -> str:
                  f"{ra['served_vs_ceiling']:.0%} (b={ra['ceiling_batch_size']}; "
                  f"{ra.get('served_vs_ceiling_at_formed_batch')} at the formed "
                  f"{ra.get('formed_rows_per_call')} rows/call), p99/p50 "
-                 f"{ra.get('p99_over_p50')}, metering overhead p50 "
-                 f"{ra.get('metering_overhead_p50_pct')}% and req/s "
+                 f"{ra.get('p99_over_p50')}, metering overhead (median of the paired rounds)"
+                 f" p50 {ra.get('metering_overhead_p50_pct')}% and req/s "
                  f"{ra.get('metering_overhead_req_s_pct')}%, fastest mode "
                  f"{ra['fastest_mode']}, xla/graph {ra.get('xla_vs_graph_median')}")
     if "priority" in report:

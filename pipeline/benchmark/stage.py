@@ -19,6 +19,8 @@ import sqlite3
 import sys
 import threading
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -140,65 +142,145 @@ def create_key(ledger: Path) -> str:
 
 
 # --- load -------------------------------------------------------------------------------------
-def level(server: ServerProcess, url: str, bodies: Sequence[bytes], per_body: int, c: int,
-          b: Benchmark, headers: Dict[str, str], scrape: bool, load: LoadFn
-          ) -> Tuple[Dict[str, object], LoadResult]:
-    """One concurrency level: its summary (server and client CPU, batch sizes) and records."""
-    before = batch_histogram(http_get(server.port, "/metrics")[1]) if scrape else {}
-    cpu0, client0 = cpu_seconds(server.pid or 0), time.process_time()
-    res = load(url, bodies, [per_body] * len(bodies), c, b.duration_s, b.max_requests, headers,
+@dataclass
+class Driven:
+    """A started server and how the stage drives it: its headers, whether its /metrics has the
+    batch histogram, and the request records so far (phase, concurrency, record)."""
+
+    name: str
+    server: ServerProcess
+    headers: Dict[str, str]
+    scrape: bool
+    records: List[Tuple[str, int, Record]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.server.url + "/v1/analyze"
+
+    def histogram(self) -> Dict[str, float]:
+        return batch_histogram(http_get(self.server.port, "/metrics")[1]) if self.scrape else {}
+
+
+def one_round(d: Driven, bodies: Sequence[bytes], per_body: int, c: int, duration_s: float,
+              max_requests: int, b: Benchmark, load: LoadFn
+              ) -> Tuple[LoadResult, Optional[float], float]:
+    """One timed run of the load: its result, the server's and this client's CPU seconds."""
+    cpu0, client0 = cpu_seconds(d.server.pid or 0), time.process_time()
+    res = load(d.url, bodies, [per_body] * len(bodies), c, duration_s, max_requests, d.headers,
                b.request_timeout_s)
-    cpu1, client1 = cpu_seconds(server.pid or 0), time.process_time()
+    cpu1, client1 = cpu_seconds(d.server.pid or 0), time.process_time()
+    return res, (cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None), \
+        client1 - client0
+
+
+def merged(results: Sequence[LoadResult]) -> LoadResult:
+    """Several runs at one concurrency as one: records end to end, durations summed."""
+    out = LoadResult(concurrency=results[0].concurrency, duration_s=0.0)
+    for res in results:
+        out.records += [replace(r, start_s=r.start_s + out.duration_s) for r in res.records]
+        out.duration_s += res.duration_s
+    return out
+
+
+def level_row(d: Driven, runs: Sequence[Tuple[LoadResult, Optional[float], float]],
+              per_body: int, before: Dict[str, float]) -> Tuple[Dict[str, object], LoadResult]:
+    """One level's summary over its rounds (server and client CPU, batch sizes; each round's
+    req/s and p50 when there are several) and its merged result."""
+    res = merged([r for r, _, _ in runs])
     row: Dict[str, object] = dict(summarize(res))
     row["texts_per_request"] = per_body
     # Where the 2 cores went: cores busy in the server and in this (client) process.
-    row["server_cores"] = round((cpu1 - cpu0) / res.duration_s, 3) \
-        if cpu0 is not None and cpu1 is not None else None
-    row["client_cores"] = round((client1 - client0) / res.duration_s, 3)
-    if scrape:
-        row["batches"] = batch_distribution(
-            before, batch_histogram(http_get(server.port, "/metrics")[1]))
+    cpu = [s for _, s, _ in runs]
+    row["server_cores"] = round(sum(x for x in cpu if x is not None) / res.duration_s, 3) \
+        if None not in cpu else None
+    row["client_cores"] = round(sum(x for _, _, x in runs) / res.duration_s, 3)
+    if d.scrape:  # only this server's own model calls: the other one has its own /metrics
+        row["batches"] = batch_distribution(before, d.histogram())
+    if len(runs) > 1:
+        row["rounds"] = [{k: v for k, v in summarize(r).items() if k in ROUND_FIGURES}
+                         for r, _, _ in runs]
     row["error_kinds"] = sorted({r.error for r in res.records if r.status != 200})[:5]
-    print(f"benchmark: {server.name} c={c} x{per_body} text(s): {row['req_per_s']} req/s, "
-          f"p50 {row['p50_ms']} ms, errors {row['error_rate']:.1%}", flush=True)
+    print(f"benchmark: {d.name} c={res.concurrency} x{per_body} text(s): {row['req_per_s']} "
+          f"req/s, p50 {row['p50_ms']} ms, errors {row['error_rate']:.1%}", flush=True)
     return row, res
 
 
-def drive(server: ServerProcess, bodies: Sequence[bytes], b: Benchmark,
-          headers: Dict[str, str], scrape: bool, load: LoadFn = run_load,
-          batched: Sequence[bytes] = ()) -> Dict[str, object]:
-    """Warm-up, each concurrency level of one-text requests, then (when `batched` is given)
-    each level of the batch client; summaries and every request record."""
-    url = server.url + "/v1/analyze"
-    records: List[Tuple[str, int, Record]] = []
+ROUND_FIGURES = ("req_per_s", "p50_ms", "p99_ms", "ok")
+
+
+def warm(d: Driven, bodies: Sequence[bytes], b: Benchmark, load: LoadFn) -> None:
+    """At the top concurrency, so the model's shapes are warm before anything is timed (steady
+    state is what we report)."""
     if b.warmup_requests:
-        # At the top concurrency, so the model's shapes are warm before anything is timed
-        # (steady state is what we report).
-        warm = load(url, bodies, [1] * len(bodies), min(max(b.concurrency), b.warmup_requests),
-                    b.request_timeout_s * 2, b.warmup_requests, headers, b.request_timeout_s)
-        records += [("warmup", warm.concurrency, r) for r in warm.records]
-    levels, batch_levels = [], []
+        res = load(d.url, bodies, [1] * len(bodies), min(max(b.concurrency), b.warmup_requests),
+                   b.request_timeout_s * 2, b.warmup_requests, d.headers, b.request_timeout_s)
+        d.records += [("warmup", res.concurrency, r) for r in res.records]
+
+
+def drive(servers: Sequence[Driven], bodies: Sequence[bytes], b: Benchmark,
+          load: LoadFn = run_load, rounds: int = 1) -> Dict[str, List[Dict[str, object]]]:
+    """Each concurrency level of one-text requests on every server, levels by name.
+
+    With several servers and rounds the servers take turns at each level, `rounds` runs of
+    duration_s / rounds each, the order reversed every round: the metered and unmetered
+    endpoints then meet the same machine (its other tenants, its disk's writeback) and their
+    paired figures compare metering rather than the minute each ran in."""
+    for d in servers:
+        warm(d, bodies, b, load)
+    levels: Dict[str, List[Dict[str, object]]] = {d.name: [] for d in servers}
     for c in b.concurrency:
-        row, res = level(server, url, bodies, 1, c, b, headers, scrape, load)
-        levels.append(row)
-        records += [("measure", c, r) for r in res.records]
-    for c in (b.batch_concurrency if batched else []):
-        row, res = level(server, url, batched, b.batch_texts, c, b, headers, scrape, load)
-        batch_levels.append(row)
-        records += [(f"batch{b.batch_texts}", c, r) for r in res.records]
-    out: Dict[str, object] = {"levels": levels, "records": records}
-    if batch_levels:
-        out["batch_levels"] = batch_levels
-    return out
+        before = {d.name: d.histogram() for d in servers}
+        runs: Dict[str, list] = {d.name: [] for d in servers}
+        for r in range(rounds):
+            for d in (servers if r % 2 == 0 else list(reversed(servers))):
+                runs[d.name].append(one_round(d, bodies, 1, c, b.duration_s / rounds,
+                                              max(1, b.max_requests // rounds), b, load))
+        for d in servers:
+            row, res = level_row(d, runs[d.name], 1, before[d.name])
+            levels[d.name].append(row)
+            d.records += [("measure", c, rec) for rec in res.records]
+    return levels
+
+
+def drive_batches(d: Driven, batched: Sequence[bytes], b: Benchmark, load: LoadFn
+                  ) -> List[Dict[str, object]]:
+    """Each level of the batch client (`batch_texts` texts per request)."""
+    rows = []
+    for c in b.batch_concurrency:
+        before = d.histogram()
+        row, res = level_row(d, [one_round(d, batched, b.batch_texts, c, b.duration_s,
+                                           b.max_requests, b, load)], b.batch_texts, before)
+        rows.append(row)
+        d.records += [(f"batch{b.batch_texts}", c, rec) for rec in res.records]
+    return rows
 
 
 def measure_server(server: ServerProcess, bodies: Sequence[bytes], b: Benchmark,
                    headers: Dict[str, str], scrape: bool, load: LoadFn = run_load,
                    batched: Sequence[bytes] = ()) -> Dict[str, object]:
-    """Start `server`, drive it, and stop it (process group included) whatever happens."""
-    with server:
-        measured = drive(server, bodies, b, headers, scrape, load, batched)
-    return {"pid": server.pid, "port": server.port, **measured}
+    """Start `server`, drive it alone, and stop it (process group included) whatever
+    happens."""
+    return measure_servers([Driven(server.name, server, headers, scrape)], bodies, b, load,
+                           1, batched)[server.name]
+
+
+def measure_servers(servers: Sequence[Driven], bodies: Sequence[bytes], b: Benchmark,
+                    load: LoadFn = run_load, rounds: int = 1, batched: Sequence[bytes] = ()
+                    ) -> Dict[str, Dict[str, object]]:
+    """Start the servers (all up at once), drive them (`drive`; the batch client on the first),
+    and stop every one of them whatever happens."""
+    with ExitStack() as stack:
+        for d in servers:
+            stack.enter_context(d.server)
+        levels = drive(servers, bodies, b, load, rounds)
+        batch_levels = drive_batches(servers[0], batched, b, load) if batched else []
+    out: Dict[str, Dict[str, object]] = {}
+    for d in servers:
+        out[d.name] = {"pid": d.server.pid, "port": d.server.port, "levels": levels[d.name],
+                       "records": d.records}
+    if batch_levels:
+        out[servers[0].name]["batch_levels"] = batch_levels
+    return out
 
 
 def measure_priority(model_dir: Path, b: Benchmark, out_dir: Path, bodies: Sequence[bytes],
@@ -290,15 +372,17 @@ def benchmark(model_dir: Path, b: Benchmark, out_dir: Path,
     key = create_key(ledger)
     servers: Dict[str, dict] = {}
     batched = batch_bodies(texts, b.batch_texts) if b.batch_texts else []
-    servers["endpoint"] = measure_server(endpoint("endpoint", model_dir, ledger, b, True, out_dir),
-                                         bodies, b, {"Authorization": f"Bearer {key}"}, True,
-                                         load, batched)
+    driven = [Driven("endpoint", endpoint("endpoint", model_dir, ledger, b, True, out_dir),
+                     {"Authorization": f"Bearer {key}"}, True)]
     if b.metering_off:
         scratch = out_dir / "unmetered-ledger.sqlite3"
         fresh_ledger(scratch)
-        servers["unmetered"] = measure_server(
-            endpoint("unmetered", model_dir, scratch, b, False, out_dir), bodies, b, {}, True,
-            load)
+        driven.append(Driven("unmetered", endpoint("unmetered", model_dir, scratch, b, False,
+                                                   out_dir), {}, True))
+    # Metered and unmetered take turns at each level (see `drive`): metering's cost is the
+    # median of their paired rounds.
+    servers.update(measure_servers(driven, bodies, b, load, b.metering_rounds, batched))
+    if b.metering_off:
         servers["unmetered"]["ledger_rows"] = ledger_totals(scratch)["rows"]
     if b.naive:
         servers["naive"] = measure_server(naive(model_dir, b, out_dir), bodies, b,

@@ -90,7 +90,11 @@ def test_every_load_figure_is_present_and_agrees_with_the_request_records(bench)
             # Closed loop: no more requests in flight at once than the level's connections.
             assert len({r["worker"] for r in mine}) <= lv["concurrency"]
         if name != "naive":  # batch sizes come from the endpoint's own /metrics
+            rounds = load(Benchmark, ws / "params.yaml").metering_rounds
             for lv in s["levels"]:
+                # Metered and unmetered took turns: each level is its rounds' requests.
+                assert len(lv["rounds"]) == rounds > 1
+                assert sum(r["ok"] for r in lv["rounds"]) == lv["ok"]
                 batches = lv["batches"]
                 assert sum(batches["calls_by_size"].values()) == batches["model_calls"] > 0
                 assert batches["rows"] == lv["requests"]  # one text per request
@@ -153,6 +157,9 @@ def test_cost_figures_agree_with_the_pricing_file_and_the_load(bench):
     for key in ("endpoint_vs_naive_req_s", "served_vs_ceiling", "metering_overhead_p50_pct",
                 "fastest_mode", "xla_vs_graph_median"):
         assert ratios[key] is not None, key
+    rounds = len(report["servers"]["endpoint"]["levels"][0]["rounds"])
+    assert len(ratios["metering_overhead_req_s_pct_rounds"]) == rounds
+    assert {len(v) for v in ratios["metering_overhead_p50_pct_rounds"].values()} == {rounds}
     assert {g["mode"] for g in report["ceiling"]["grid"]} == {"eager", "graph", "xla"}
     assert report["ledger_capacity"]["sqlite"]["events"] == \
         report["ledger_capacity"]["sqlite"]["rows_on_disk"] > 0

@@ -1,19 +1,21 @@
 """Fast checks of the benchmark's pure parts: the load generator against a tiny loopback server
-(bounded count, keep-alive and closed connections, errors counted), the batch-size histogram
-difference, and the cost arithmetic, each against figures worked out by hand. No model, no
-TensorFlow."""
+(bounded count, keep-alive and closed connections, errors counted), two servers taking turns
+level by level, the batch-size histogram difference, metering's cost from paired rounds, and
+the cost arithmetic, each against figures worked out by hand. No model, no TensorFlow."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import threading
+from types import SimpleNamespace
 
 import pytest
 
-from pipeline.benchmark.figures import batch_distribution, ceiling_at, cost_table
+from pipeline.benchmark.figures import batch_distribution, ceiling_at, cost_table, ratios
 from pipeline.benchmark.loadgen import percentile, run_load, summarize
 from pipeline.benchmark.process import HOST, free_port
+from pipeline.benchmark.stage import Driven, drive
 from pipeline.params import Benchmark, Hardware
 
 
@@ -158,3 +160,64 @@ def test_ceiling_at_a_batch_size_interpolates_log_log_between_measured_points():
     assert ceiling_at(policy, 8.0) == pytest.approx(800 / 2 ** 0.5)  # sqrt(400 * 800)
     assert ceiling_at(policy, 32.0) is None  # outside what was measured: no figure
     assert ceiling_at(policy, 0.5) is None
+
+
+def test_two_servers_take_turns_at_each_level_and_each_level_merges_its_rounds():
+    """metering_rounds: the metered and unmetered endpoints alternate, the order reversed
+    every round, each round duration_s / rounds long; a level is all its rounds' requests."""
+    runs = []
+
+    def load(url, *args, **kwargs):  # the real load generator, its calls noted in order
+        res = run_load(url, *args, **kwargs)
+        runs.append((url.split("/")[2], res.concurrency, args[3], args[4], len(res.records)))
+        return res
+
+    b = Benchmark(concurrency=[1, 3], headline_concurrency=3, duration_s=30, max_requests=30,
+                  warmup_requests=0)
+    with TinyServer() as one, TinyServer() as two:
+        names = {f"{HOST}:{one.port}": "a", f"{HOST}:{two.port}": "b"}
+        servers = [Driven(name, SimpleNamespace(url=f"http://{HOST}:{srv.port}", pid=None,
+                                                port=srv.port), {}, False)
+                   for name, srv in (("a", one), ("b", two))]
+        levels = drive(servers, [b'{"text": "x"}'], b, load, rounds=3)
+        seen = one.seen, two.seen
+    assert [(names[u], c) for u, c, *_ in runs] == [
+        ("a", 1), ("b", 1), ("b", 1), ("a", 1), ("a", 1), ("b", 1),
+        ("a", 3), ("b", 3), ("b", 3), ("a", 3), ("a", 3), ("b", 3)]
+    # Each round gets a third of the level's time and of its request cap (30 -> 10).
+    assert {(d, m) for *_, d, m, _ in runs} == {(10.0, 10)}
+    assert all(n == 10 for *_, n in runs) and seen == (60, 60)
+    for name in ("a", "b"):
+        assert [lv["concurrency"] for lv in levels[name]] == [1, 3]
+        for lv in levels[name]:
+            assert lv["requests"] == 30 and len(lv["rounds"]) == 3
+            assert sum(r["ok"] for r in lv["rounds"]) == lv["ok"]
+    # The records of every round, under their server and level, for requests.csv.
+    assert [len([r for ph, c, r in d.records if ph == "measure" and c == 3])
+            for d in servers] == [30, 30]
+
+
+def test_metering_overhead_is_the_median_of_the_paired_rounds():
+    """Worked by hand: p50 per round metered 10/12/11 ms against 10/10/10 unmetered -> +0,
+    +20, +10% -> median +10%; req/s 90/100/80 against 100/100/100 -> 10, 0, 20% lost ->
+    median 10%. The pooled figures (a p50 of 11.5 and req/s of 95) would say otherwise."""
+    def level(c, p50s, rps, pooled_p50, pooled_rps):
+        return {"concurrency": c, "req_per_s": pooled_rps, "p50_ms": pooled_p50,
+                "p99_ms": pooled_p50 * 2,
+                "rounds": [{"p50_ms": p, "req_per_s": r} for p, r in zip(p50s, rps)]}
+
+    b = Benchmark(concurrency=[1], headline_concurrency=1)
+    servers = {"endpoint": {"levels": [level(1, [10, 12, 11], [90, 100, 80], 11.5, 95)]},
+               "unmetered": {"levels": [level(1, [10, 10, 10], [100, 100, 100], 10, 100)]}}
+    policy = [{"batch_size": 32, "texts_per_s": 200.0, "rows_per_call": 8.0}]
+    out = ratios(b, [], policy, servers)
+    assert out["metering_overhead_p50_pct_rounds"] == {"c1": [0.0, 20.0, 10.0]}
+    assert out["metering_overhead_p50_pct"] == {"c1": 10.0}
+    assert out["metering_overhead_req_s_pct_rounds"] == [10.0, 0.0, 20.0]
+    assert out["metering_overhead_req_s_pct"] == 10.0
+    # Levels measured in one run each (no rounds): the levels themselves are the one pair.
+    for s in servers.values():
+        del s["levels"][0]["rounds"]
+    out = ratios(b, [], policy, servers)
+    assert out["metering_overhead_p50_pct"] == {"c1": 15.0}
+    assert out["metering_overhead_req_s_pct"] == 5.0

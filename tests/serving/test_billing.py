@@ -18,6 +18,7 @@ from typing import Iterator, List
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving.billing import Billing, Refused
 from serving.keys import create_key
@@ -348,6 +349,76 @@ def test_a_full_queue_is_refused_as_overloaded_and_only_answers_are_billed(runne
     gated.batcher.stop()
     assert (r.kind, r.code, r.retry_after_s) == ("overloaded", "overloaded", 1)
     assert billed(b)["requests"] == 2
+
+
+class FailingRunner:
+    """The real micro-batcher in front of a model call that fails with an error nobody
+    planned for. Satisfies what create_app asks of a runner."""
+
+    def __init__(self, info: ModelInfo):
+        self.info, self.ready = info, True
+        self.batcher = MicroBatcher(self._predict, default_buckets(info.max_tokens))
+        self.batcher.start()
+
+    def _predict(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        raise RuntimeError("the model broke")
+
+    def submit(self, rows: List[List[int]], priority: bool = False):
+        return self.batcher.submit(rows, priority)
+
+    def depth(self) -> int:
+        return self.batcher.depth()
+
+    def alive(self) -> bool:
+        return self.batcher.alive()
+
+    def restart(self) -> bool:
+        return False
+
+    def set_batch_hook(self, hook) -> None:
+        self.batcher.on_batch = hook
+
+
+def test_the_app_answers_each_outcome_of_analyze_as_json_counted_by_route_and_status(
+        runner, ledger, model_dir):
+    """POST /v1/analyze skips the router (serving.app.CountRequests): its refusals, a model
+    that fails unexpectedly and a wrong method still get their JSON error, are counted under
+    the route's path, and bill nothing."""
+    import httpx
+
+    from serving.app import Components, create_app
+
+    failing = FailingRunner(runner.info)
+    b = make_billing(failing, ledger, model_dir)
+    app = create_app(Components(b.settings, failing, ledger, b.meter, b.price, INSTANCE))
+    _, secret = create_key(ledger, "eve")
+
+    async def calls() -> List[httpx.Response]:
+        # The 500's exception is re-raised to the server after the answer, as uvicorn gets it.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            url, auth = "/v1/analyze", {"Authorization": f"Bearer {secret}"}
+            return [await client.post(url, content=body("好")),  # no key
+                    await client.post(url, content=b"{", headers=auth),
+                    await client.post(url, content=body("好"), headers=auth),  # model fails
+                    await client.get(url, headers=auth)]
+
+    try:
+        r = asyncio.run(calls())
+    finally:
+        failing.batcher.stop()
+    assert [x.status_code for x in r] == [401, 400, 500, 405]
+    assert [x.json()["error"]["code"] for x in r] == [
+        "missing_api_key", "invalid_json", "internal_error", "method_not_allowed"]
+    assert r[0].headers["www-authenticate"] == "Bearer"
+    assert r[3].headers["allow"] == "POST"
+    counted = {(s.labels["route"], s.labels["status"]): s.value
+               for family in text_string_to_metric_families(app.state.metrics.render().decode())
+               if family.name == "tokenmeter_requests" for s in family.samples
+               if s.name == "tokenmeter_requests_total"}
+    assert counted == {("/v1/analyze", "401"): 1, ("/v1/analyze", "400"): 1,
+                       ("/v1/analyze", "500"): 1, ("/v1/analyze", "405"): 1}
+    assert billed(app.state.billing)["requests"] == 0
 
 
 def test_readyz_says_not_ready_when_the_ledger_writer_is_gone(runner, ledger, model_dir):
