@@ -81,7 +81,7 @@ class CountRequests:
     `hot` is the route that documents it (FastAPI's), used here as the metrics label.
     """
 
-    def __init__(self, app, metrics: Metrics, hot: Optional[BaseRoute] = None):
+    def __init__(self, app, metrics: Metrics, hot: BaseRoute):
         self.app, self.metrics, self.hot = app, metrics, hot
 
     async def __call__(self, scope, receive, send):
@@ -97,7 +97,7 @@ class CountRequests:
             await send(message)
 
         try:
-            if self.hot is not None and scope["path"] == ANALYZE and scope["method"] == "POST":
+            if scope["path"] == ANALYZE and scope["method"] == "POST":
                 scope["route"] = self.hot
                 await analyze_asgi(scope, receive, send_and_note)
             else:

@@ -99,13 +99,11 @@ def ceiling_at(policy: Sequence[Dict[str, object]], rows_per_call: float) -> Opt
     return pts[0][1] if len(pts) == 1 and pts[0][0] == rows_per_call else None
 
 
-def pct_change(new: object, old: object, of: object = None) -> Optional[float]:
-    """(new - old) / old in percent (of `of` instead of old when given), 2 places; None when
-    either is missing or the base is 0."""
-    base = old if of is None else of
-    if new is None or old is None or base is None or not number(base):
+def pct_change(new: object, old: object) -> Optional[float]:
+    """(new - old) / old in percent, 2 places; None when either is missing or old is 0."""
+    if new is None or old is None or not number(old):
         return None
-    return round((number(new) - number(old)) / number(base) * 100, 2)
+    return round((number(new) - number(old)) / number(old) * 100, 2)
 
 
 def paired(on: Dict[str, Any], off: Dict[str, Any]) -> List[Tuple[Dict[str, Any], ...]]:
@@ -168,8 +166,9 @@ def ratios(b: Benchmark, grid: List[dict], policy: List[dict],
         out["metering_overhead_p50_pct_rounds"] = each
         off = at(servers["unmetered"]["levels"], top)
         # Throughput metering costs, in percent of the unmetered req/s (positive = lost).
-        lost = [pct_change(z["req_per_s"], a["req_per_s"], of=z["req_per_s"])
-                for a, z in paired(ep, off)] if off else []
+        change = [pct_change(a["req_per_s"], z["req_per_s"]) for a, z in paired(ep, off)] \
+            if off else []
+        lost = [None if x is None else 0.0 - x for x in change]  # 0.0 -: no "-0.0"
         out["metering_overhead_req_s_pct"] = median_of(lost)
         out["metering_overhead_req_s_pct_rounds"] = lost
     if priority:

@@ -182,6 +182,9 @@ def merged(results: Sequence[LoadResult]) -> LoadResult:
     return out
 
 
+ROUND_FIGURES = ("req_per_s", "p50_ms", "p99_ms", "ok")  # kept per round of a level
+
+
 def level_row(d: Driven, runs: Sequence[Tuple[LoadResult, Optional[float], float]],
               per_body: int, before: Dict[str, float]) -> Tuple[Dict[str, object], LoadResult]:
     """One level's summary over its rounds (server and client CPU, batch sizes; each round's
@@ -203,9 +206,6 @@ def level_row(d: Driven, runs: Sequence[Tuple[LoadResult, Optional[float], float
     print(f"benchmark: {d.name} c={res.concurrency} x{per_body} text(s): {row['req_per_s']} "
           f"req/s, p50 {row['p50_ms']} ms, errors {row['error_rate']:.1%}", flush=True)
     return row, res
-
-
-ROUND_FIGURES = ("req_per_s", "p50_ms", "p99_ms", "ok")
 
 
 def warm(d: Driven, bodies: Sequence[bytes], b: Benchmark, load: LoadFn) -> None:
@@ -381,7 +381,8 @@ def benchmark(model_dir: Path, b: Benchmark, out_dir: Path,
                                                    out_dir), {}, True))
     # Metered and unmetered take turns at each level (see `drive`): metering's cost is the
     # median of their paired rounds.
-    servers.update(measure_servers(driven, bodies, b, load, b.metering_rounds, batched))
+    servers.update(measure_servers(driven, bodies, b, load,
+                                   b.metering_rounds if b.metering_off else 1, batched))
     if b.metering_off:
         servers["unmetered"]["ledger_rows"] = ledger_totals(scratch)["rows"]
     if b.naive:

@@ -351,23 +351,14 @@ def test_a_full_queue_is_refused_as_overloaded_and_only_answers_are_billed(runne
     assert billed(b)["requests"] == 2
 
 
-class FailingRunner:
-    """The real micro-batcher in front of a model call that fails with an error nobody
-    planned for. Satisfies what create_app asks of a runner."""
+class FailingRunner(GatedRunner):
+    """GatedRunner's micro-batcher in front of a model call that fails with an error nobody
+    planned for, plus what create_app asks of a runner."""
 
-    def __init__(self, info: ModelInfo):
-        self.info, self.ready = info, True
-        self.batcher = MicroBatcher(self._predict, default_buckets(info.max_tokens))
-        self.batcher.start()
+    ready = True
 
     def _predict(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise RuntimeError("the model broke")
-
-    def submit(self, rows: List[List[int]], priority: bool = False):
-        return self.batcher.submit(rows, priority)
-
-    def depth(self) -> int:
-        return self.batcher.depth()
 
     def alive(self) -> bool:
         return self.batcher.alive()
